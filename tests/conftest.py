@@ -1,0 +1,63 @@
+"""Shared test setup: offline hub, quiet tokenizers, data-root and tiny-corpus fixtures."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+# Set before transformers/datasets are imported anywhere: tests must never touch the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "offline"
+# The Rust tokenizer's thread pool would otherwise warn (and may deadlock) after DataLoader forks.
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+from common.data_root import data_root as _data_root  # noqa: E402
+
+# A few short, distinct "articles"; some lines are blank / whitespace-only on purpose.
+TINY_TEXT_LINES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "   ",
+    "A journey of a thousand miles begins with a single step.",
+    "To be, or not to be, that is the question.",
+    "",
+    "All that glitters is not gold; all who wander are not lost.",
+    "Brevity is the soul of wit, said Polonius at length.",
+    "Ünïcödé text — with dashes, émojis 🙂 and tabs\tinside.",
+    "It was the best of times, it was the worst of times.",
+    "Call me Ishmael. Some years ago, never mind how long precisely.",
+    "In the beginning the Universe was created.",
+    "The fox returned; the dog was still lazy, and the step was single.",
+]
+TINY_JSON_DOCS = [
+    {"text": "Jsonl document one, about foxes and dogs.", "id": 1},
+    {"text": "\n\t ", "id": 2},
+    {"text": "Jsonl document three: questions of being and gold.", "id": 3},
+    {"text": "Jsonl document four, the last of the small set of times.", "id": 4},
+]
+
+
+@pytest.fixture
+def data_root() -> Path:
+    """The shared data root; skips the test when it is not available on this machine."""
+    root = _data_root()
+    if root is None:
+        pytest.skip("data root not found (set LMTRAIN_DATA_ROOT or provide ../shared/data)")
+    return root
+
+
+@pytest.fixture
+def tiny_corpus_files(tmp_path: Path) -> dict[str, Path]:
+    """Small local corpus files in tmp_path: {"txt": lines file, "txt2": second lines file, "jsonl": json lines}."""
+    src = tmp_path / "src"
+    src.mkdir()
+    txt = src / "a.txt"
+    txt.write_text("\n".join(TINY_TEXT_LINES) + "\n", encoding="utf-8")
+    txt2 = src / "b.txt"
+    txt2.write_text("\n".join(line[::-1] for line in TINY_TEXT_LINES) + "\n", encoding="utf-8")
+    jsonl = src / "c.jsonl"
+    jsonl.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in TINY_JSON_DOCS), encoding="utf-8")
+    return {"txt": txt, "txt2": txt2, "jsonl": jsonl}
