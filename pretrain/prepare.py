@@ -1,0 +1,234 @@
+"""Tokenize a corpus into shards: the build pipeline and the ``python -m pretrain.prepare`` CLI.
+
+    python -m pretrain.prepare --config configs/data/tiny_corpus.yaml [--overwrite true]
+
+:func:`pretrain.corpus.prepare_corpus` checks inputs and idempotence, then calls
+:func:`build_corpus` on an empty temp dir that it moves into place afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from pretrain.corpus import (
+    CorpusConfig,
+    ResolvedSource,
+    check_text_column,
+    digest,
+    ensure_both_splits,
+    holdout_mask,
+    load_source,
+    prepare_corpus,
+    stream_documents,
+)
+from pretrain.shards import FORMAT_VERSION, MANIFEST, SPLITS, ShardWriter, shard_dtype
+
+log = logging.getLogger(__name__)
+
+_BATCH = 1000  # documents per tokenizer call / per write
+
+
+class _Encode:
+    """Batched ``map`` function: non-empty documents → ``ids + [eos]`` (picklable for num_proc)."""
+
+    def __init__(self, tokenizer_json: str, text_column: str, eos_id: int) -> None:
+        from tokenizers import Tokenizer
+
+        # A private copy of the Rust tokenizer with truncation/padding off: documents of any length.
+        self.backend = Tokenizer.from_str(tokenizer_json)
+        self.backend.no_truncation()
+        self.backend.no_padding()
+        self.text_column, self.eos_id = text_column, eos_id
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list[list[int]]]:
+        texts = [t for t in batch[self.text_column] if t is not None and t.strip()]
+        return {"ids": [e.ids + [self.eos_id] for e in self.backend.encode_batch(texts, add_special_tokens=False)]}
+
+
+def _nonempty(ds, res: ResolvedSource, num_proc: int):
+    col = res.source.text_column
+    return ds.filter(lambda b: [t is not None and bool(t.strip()) for t in b[col]], batched=True,
+                     num_proc=_procs(num_proc, len(ds)), desc=f"drop empty docs {res.name}")
+
+
+def _procs(num_proc: int, n_rows: int) -> int | None:
+    # datasets rejects num_proc > rows and spawning workers for tiny inputs costs more than it saves.
+    n = min(num_proc, max(1, n_rows // _BATCH))
+    return n if n > 1 else None
+
+
+def build_corpus(config: CorpusConfig, resolved: list[ResolvedSource], tok: Any, inputs: dict, tmp: Path) -> dict:
+    """Load, split, (train the tokenizer,) tokenize and shard into ``tmp``; returns the manifest.
+
+    Called by :func:`pretrain.corpus.prepare_corpus`, which checks inputs and moves ``tmp`` into place.
+
+    Args:
+        config: the corpus description.
+        resolved: its sources, resolved to local files or hub datasets.
+        tok: the configured tokenizer, or None to train a byte-level BPE on the train split.
+        inputs: the input spec recorded in the manifest (decides later rebuilds).
+        tmp: empty build directory.
+    """
+    import datasets
+    from transformers import AutoTokenizer
+
+    from common.tokenizer import tokenizer_fingerprint, train_bpe_tokenizer
+
+    has_val_source = any(r.source.role == "val" for r in resolved)
+    loaded = []  # (resolved, dataset, streamed)
+    for res in resolved:
+        ds = load_source(res, config.streaming, tmp / ".hf_cache")
+        streamed = not isinstance(ds, datasets.Dataset)
+        if not streamed:
+            check_text_column(res, ds.column_names)
+            ds = _nonempty(ds, res, config.num_proc)
+        loaded.append((res, ds, streamed))
+
+    # Split map-style sources by index masks; streamed ones are split on the fly (stream_documents).
+    parts: dict[tuple[int, str], Any] = {}
+    masks = {r.index: holdout_mask(len(ds), r.index, config) for r, ds, s in loaded
+             if not s and r.source.role == "train" and not has_val_source}
+    n_train = sum(len(ds) for r, ds, s in loaded if not s and r.source.role == "train")
+    any_streamed_train = any(s and r.source.role == "train" for r, _, s in loaded)
+    if n_train == 0 and not any_streamed_train:
+        names = [r.name for r in resolved if r.source.role == "train"]
+        raise ValueError(f"empty corpus: no non-empty documents for the train split in {names or 'any source'}")
+    if masks and not any_streamed_train:
+        ensure_both_splits(masks, config)
+    for res, ds, streamed in loaded:
+        if streamed:
+            continue
+        if res.index in masks:
+            parts[res.index, "train"] = ds.select(np.flatnonzero(~masks[res.index]))
+            parts[res.index, "val"] = ds.select(np.flatnonzero(masks[res.index]))
+        else:
+            parts[res.index, res.source.role] = ds
+
+    tok_dir = tmp / "tokenizer"
+    if tok is None:
+        texts = _train_texts(loaded, parts, config, has_val_source)
+        n_texts = sum(len(d) for (_, split), d in parts.items() if split == "train") or None
+        train_bpe_tokenizer(texts, config.bpe_vocab_size, tok_dir, length=n_texts)
+    else:
+        tok.save_pretrained(str(tok_dir))
+    # Reload what readers will load, so the manifest's fingerprint is theirs.
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    if tok.eos_token_id is None:
+        raise ValueError(f"tokenizer {config.tokenizer!r} has no EOS token; documents need a separator")
+
+    dtype = shard_dtype(len(tok))
+    writers = {s: ShardWriter(tmp, s, dtype, config.shard_tokens) for s in SPLITS}
+    docs = dict.fromkeys(SPLITS, 0)
+    tok_json = tok.backend_tokenizer.to_str()
+    for res, ds, streamed in loaded:
+        encode = _Encode(tok_json, res.source.text_column, tok.eos_token_id)
+        if streamed:
+            for split, n in _write_stream(ds, res, config, has_val_source, encode, writers).items():
+                docs[split] += n
+            continue
+        for split in SPLITS:
+            if (res.index, split) in parts:
+                docs[split] += _write_mapped(parts[res.index, split], res, split, encode, writers[split], config)
+    files = {s: w.close() for s, w in writers.items()}
+    if docs["val"] == 0:
+        raise ValueError("no validation documents were held out; raise val_fraction or lower holdout_block")
+
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "dtype": dtype.name,
+        "tokenizer": {"fingerprint": tokenizer_fingerprint(tok), "name_or_path": config.tokenizer or "trained-bpe",
+                      "vocab_size": len(tok), "eos_id": tok.eos_token_id, "pad_id": tok.pad_token_id},
+        "inputs": {"fingerprint": digest(inputs), "spec": inputs},
+        "splits": {s: {"files": files[s], "tokens": sum(f["tokens"] for f in files[s]), "documents": docs[s]}
+                   for s in SPLITS},
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    return manifest
+
+
+def _train_texts(loaded: list, parts: dict, config: CorpusConfig, has_val_source: bool) -> Iterator[str]:
+    """Train-split documents only (the tokenizer must not see validation text)."""
+    for res, ds, streamed in loaded:
+        if streamed:
+            yield from (t for split, t in stream_documents(ds, res, config, has_val_source) if split == "train")
+        elif (res.index, "train") in parts:
+            for batch in parts[res.index, "train"].iter(batch_size=_BATCH):
+                yield from batch[res.source.text_column]
+
+
+def _write_mapped(ds, res: ResolvedSource, split: str, encode: _Encode, writer: ShardWriter, config: CorpusConfig) -> int:
+    """Tokenize a map-style dataset with datasets.map (parallel, progress bar) and append it; returns docs."""
+    import datasets
+    import pyarrow.compute as pc
+
+    if len(ds) == 0:
+        return 0
+    mapped = ds.map(encode, batched=True, batch_size=_BATCH, num_proc=_procs(config.num_proc, len(ds)),
+                    remove_columns=ds.column_names, desc=f"tokenize {res.name} [{split}]",
+                    features=datasets.Features({"ids": datasets.List(datasets.Value("int32"))}))
+    for table in mapped.with_format("arrow").iter(batch_size=10 * _BATCH):
+        writer.write(pc.list_flatten(table["ids"]).to_numpy())  # (tokens in these docs,)
+    return len(mapped)
+
+
+def _write_stream(ds, res: ResolvedSource, config: CorpusConfig, has_val_source: bool, encode: _Encode,
+                  writers: dict[str, ShardWriter]) -> dict[str, int]:
+    """Tokenize a streamed source in the iterator, appending each split's documents; returns docs per split."""
+    pending: dict[str, list[str]] = {s: [] for s in SPLITS}
+    counts = dict.fromkeys(SPLITS, 0)
+
+    def flush(split: str) -> None:
+        ids = encode({res.source.text_column: pending[split]})["ids"]
+        writers[split].write(np.concatenate([np.asarray(x, dtype=np.int64) for x in ids]))
+        counts[split] += len(ids)
+        pending[split].clear()
+
+    for split, text in tqdm(stream_documents(ds, res, config, has_val_source), desc=f"tokenize {res.name}", unit="doc"):
+        pending[split].append(text)
+        if len(pending[split]) >= _BATCH:
+            flush(split)
+    for split in SPLITS:
+        if pending[split]:
+            flush(split)
+    return counts
+
+
+def _parser():
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog="python -m pretrain.prepare",
+                            description="Tokenize a pre-training corpus into token shards (idempotent).")
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file of the fields below.")
+    parser.add_class_arguments(CorpusConfig, fail_untyped=True)
+    parser.add_argument("--overwrite", type=bool, default=False,
+                        help="Replace an out_dir that was built from other inputs.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse ``argv`` (default: sys.argv), prepare the corpus, print a summary; returns the manifest."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = _parser().parse_args(argv)
+    config = CorpusConfig(**{f.name: cfg[f.name] for f in fields(CorpusConfig)})
+    start = time.perf_counter()
+    manifest = prepare_corpus(config, overwrite=cfg.overwrite)
+    tok = manifest["tokenizer"]
+    print(f"corpus {config.out_dir}: vocab {tok['vocab_size']} ({tok['name_or_path']}, fingerprint "
+          f"{tok['fingerprint']}), dtype {manifest['dtype']}, {time.perf_counter() - start:.1f} s")
+    for split, info in manifest["splits"].items():
+        print(f"  {split:5s} {info['tokens']:>12,} tokens  {info['documents']:>9,} documents  "
+              f"{len(info['files'])} shard(s)")
+    return manifest
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Corpus preparation: exact packing, holdout, idempotence and input errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from common.tokenizer import train_bpe_tokenizer
+from pretrain.corpus import CorpusConfig, CorpusSource, holdout_mask, prepare_corpus
+from pretrain.shards import TokenStream, shard_dtype
+from tests.conftest import TINY_JSON_DOCS, TINY_TEXT_LINES
+
+
+def _config(files: dict[str, Path], out_dir: Path, **overrides) -> CorpusConfig:
+    sources = [CorpusSource(local=str(files["txt"])), CorpusSource(local=str(files["txt2"])),
+               CorpusSource(local=str(files["jsonl"]))]
+    kwargs = dict(sources=sources, out_dir=str(out_dir), bpe_vocab_size=300, val_fraction=0.2,
+                  holdout_block=2, shard_tokens=50, num_proc=1)
+    kwargs.update(overrides)
+    return CorpusConfig(**kwargs)
+
+
+def _all_docs() -> list[str]:
+    texts = TINY_TEXT_LINES + [line[::-1] for line in TINY_TEXT_LINES] + [d["text"] for d in TINY_JSON_DOCS]
+    return [t for t in texts if t.strip()]
+
+
+def _split_docs(ids: np.ndarray, eos: int) -> list[list[int]]:
+    ends = np.flatnonzero(ids == eos)
+    assert len(ends) and ends[-1] == len(ids) - 1, "every document must end with EOS"
+    return [ids[a + 1 : b].tolist() for a, b in zip(np.concatenate([[-1], ends[:-1]]), ends)]
+
+
+def _mtimes(out_dir: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in sorted(out_dir.rglob("*"))}
+
+
+@pytest.fixture
+def built(tiny_corpus_files, tmp_path):
+    config = _config(tiny_corpus_files, tmp_path / "corpus")
+    return config, prepare_corpus(config)
+
+
+def test_shards_are_exact_packing_of_documents(built):
+    config, manifest = built
+    tok = AutoTokenizer.from_pretrained(f"{config.out_dir}/tokenizer")
+    eos = manifest["tokenizer"]["eos_id"]
+    assert eos == tok.eos_token_id != manifest["tokenizer"]["pad_id"]
+    all_docs, seen = _all_docs(), {}
+    for split in ("train", "val"):
+        info = manifest["splits"][split]
+        assert len(info["files"]) > 1 or split == "val"  # shard_tokens=50 forces boundaries
+        assert all(f["tokens"] <= 50 for f in info["files"])
+        stream = TokenStream(config.out_dir, split)
+        ids = stream.read(0, len(stream))
+        assert len(ids) == info["tokens"]
+        docs = [tok.decode(d) for d in _split_docs(ids, eos)]
+        expected = np.concatenate([tok(d, add_special_tokens=False)["input_ids"] + [eos] for d in docs])
+        assert np.array_equal(ids, expected)
+        positions = [all_docs.index(d) for d in docs]
+        assert positions == sorted(positions)  # corpus order kept
+        assert len(docs) == info["documents"]
+        seen[split] = docs
+    assert seen["train"] and seen["val"]
+    assert not set(seen["train"]) & set(seen["val"])
+    assert sorted(seen["train"] + seen["val"]) == sorted(all_docs)
+
+
+def test_holdout_is_blockwise_and_deterministic():
+    config = CorpusConfig(holdout_block=4, val_fraction=0.3, seed=7)
+    mask = holdout_mask(103, 0, config)
+    assert mask.shape == (103,) and 0 < mask.sum() < 103
+    assert all(len(set(mask[b : b + 4])) == 1 for b in range(0, 103, 4))
+    assert np.array_equal(mask, holdout_mask(103, 0, config))
+    assert not np.array_equal(mask, holdout_mask(103, 0, CorpusConfig(holdout_block=4, val_fraction=0.3, seed=8)))
+
+
+def test_dtype_choice():
+    assert shard_dtype(300) == np.uint16 and shard_dtype(65536) == np.uint16
+    assert shard_dtype(65537) == np.uint32 and shard_dtype(250_000) == np.uint32
+
+
+def test_rerun_is_a_noop(built, tmp_path):
+    config, manifest = built
+    before = _mtimes(Path(config.out_dir))
+    assert prepare_corpus(config) == manifest
+    assert _mtimes(Path(config.out_dir)) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "src"]  # no temp dirs left
+
+
+def test_other_tokenizer_in_same_out_dir_is_refused(built, tmp_path):
+    config, _ = built
+    other = tmp_path / "other_tok"
+    train_bpe_tokenizer(_all_docs() * 5, vocab_size=280, out_dir=other)
+    before = _mtimes(Path(config.out_dir))
+    with pytest.raises(ValueError, match="fingerprint") as err:
+        prepare_corpus(CorpusConfig(**{**config.__dict__, "tokenizer": str(other)}))
+    assert str(config.out_dir) in str(err.value)
+    assert _mtimes(Path(config.out_dir)) == before
+    # overwrite=True replaces it, atomically, with the new tokenizer's shards.
+    manifest = prepare_corpus(CorpusConfig(**{**config.__dict__, "tokenizer": str(other)}), overwrite=True)
+    assert manifest["tokenizer"]["vocab_size"] == 280
+    assert json.loads((Path(config.out_dir) / "manifest.json").read_text()) == manifest
+
+
+def test_changed_inputs_are_refused_with_the_difference(built):
+    config, _ = built
+    with pytest.raises(ValueError, match="val_fraction"):
+        prepare_corpus(CorpusConfig(**{**config.__dict__, "val_fraction": 0.3}))
+
+
+def test_missing_file_is_named(tiny_corpus_files, tmp_path):
+    config = _config(tiny_corpus_files, tmp_path / "out")
+    config.sources.append(CorpusSource(local="no/such/file.txt"))
+    with pytest.raises(FileNotFoundError, match="no/such/file.txt"):
+        prepare_corpus(config)
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_corpus_is_an_error(tmp_path):
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n   \n\t\n")
+    config = CorpusConfig(sources=[CorpusSource(local=str(blank))], out_dir=str(tmp_path / "out"), num_proc=1)
+    with pytest.raises(ValueError, match="empty corpus.*blank.txt"):
+        prepare_corpus(config)
+    assert not (tmp_path / "out").exists()
+
+
+def test_wrong_text_column_is_named(tiny_corpus_files, tmp_path):
+    src = CorpusSource(local=str(tiny_corpus_files["jsonl"]), text_column="body")
+    config = CorpusConfig(sources=[src], out_dir=str(tmp_path / "out"), num_proc=1)
+    with pytest.raises(ValueError, match=r"'body'.*\['text', 'id'\]|'body'.*\['id', 'text'\]"):
+        prepare_corpus(config)
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpt2_tokenizer_from_data_root(data_root, tiny_corpus_files, tmp_path):
+    config = _config(tiny_corpus_files, tmp_path / "gpt2corpus", tokenizer="tokenizers/gpt2", shard_tokens=10_000)
+    manifest = prepare_corpus(config)
+    assert manifest["dtype"] == "uint16"
+    assert manifest["tokenizer"]["vocab_size"] == 50258
+    assert manifest["tokenizer"]["eos_id"] == 50256 and manifest["tokenizer"]["pad_id"] == 50257
