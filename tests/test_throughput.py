@@ -1,0 +1,184 @@
+"""Tests for common.throughput: FLOPs formulas, peak lookup, SpeedMonitor in a tiny real fit."""
+
+from __future__ import annotations
+
+import csv
+import time
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
+
+from common.throughput import (
+    SpeedMonitor,
+    batch_tokens,
+    decoder_flops_per_token,
+    decoder_n_params,
+    peak_flops_per_device,
+    seq2seq_flops_per_example,
+    seq2seq_n_params,
+)
+
+
+def gpt2_params(d: int, n_layer: int, vocab: int) -> int:
+    """Closed form without wpe: per block 12d^2 + 13d (2 LN + 4 Conv1D with biases), ln_f, wte."""
+    return n_layer * (12 * d * d + 13 * d) + 2 * d + vocab * d
+
+
+def test_decoder_flops_gpt2_124m_arithmetic():
+    n = gpt2_params(768, 12, 50257)
+    assert n == 123_653_376  # 124,439,808 with wpe (1024 x 768)
+    # 6 * 123,653,376 = 741,920,256;  12 * 12 * 768 * 1024 = 113,246,208
+    assert decoder_flops_per_token(n, 12, 768, 1024) == 855_166_464
+    with pytest.raises(ValueError, match="seq_len must be > 0, got 0"):
+        decoder_flops_per_token(n, 12, 768, 0)
+
+
+def train_flops(model: torch.nn.Module, **inputs: torch.Tensor) -> int:
+    """FLOPs torch counts for one forward + backward."""
+    with FlopCounterMode(display=False) as counter:
+        model(**inputs).loss.backward()
+    return counter.get_total_flops()
+
+
+def test_decoder_flops_match_tiny_gpt2_count():
+    d, n_layer, vocab, b, t = 64, 2, 256, 2, 32
+    model = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_embd=d, n_head=4, vocab_size=vocab, n_positions=t,
+                                       bos_token_id=0, eos_token_id=0, attn_implementation="eager"))
+    n = decoder_n_params(model)
+    assert n == gpt2_params(d, n_layer, vocab)
+    assert n == sum(p.numel() for p in model.parameters()) - t * d
+    ids = torch.randint(0, vocab, (b, t))
+    counted = train_flops(model, input_ids=ids, labels=ids)
+    # The formula also counts biases and LayerNorm gains as matmul weights: within a few %.
+    assert b * t * decoder_flops_per_token(n, n_layer, d, t) == pytest.approx(counted, rel=0.05)
+
+
+def test_seq2seq_flops_match_tiny_t5_count():
+    d, n_layer, vocab, b, t = 64, 2, 256, 2, 16
+    model = T5ForConditionalGeneration(T5Config(
+        num_layers=n_layer, num_decoder_layers=n_layer, d_model=d, d_ff=128, num_heads=4, d_kv=16,
+        vocab_size=vocab, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        attn_implementation="eager"))
+    n_enc, n_dec = seq2seq_n_params(model)
+    # Encoder block: q,k,v,o (4d^2) + wi,wo (2*d*d_ff) + 2 RMSNorm; decoder adds cross-attn + norm; head d*V.
+    assert n_enc == n_layer * (4 * d * d + 2 * d * 128 + 2 * d) + d
+    assert n_dec == n_layer * (8 * d * d + 2 * d * 128 + 3 * d) + d + vocab * d
+    ids = torch.randint(2, vocab, (b, t))
+    counted = train_flops(model, input_ids=ids, labels=ids)  # T_in == T_out: the formula is exact here
+    assert b * seq2seq_flops_per_example(n_enc, n_dec, n_layer, n_layer, d, t, t) == pytest.approx(counted, rel=0.05)
+    with pytest.raises(ValueError, match="out_len must be > 0, got -1"):
+        seq2seq_flops_per_example(n_enc, n_dec, n_layer, n_layer, d, t, -1)
+
+
+def test_peak_flops_override_cpu_and_errors():
+    assert peak_flops_per_device(torch.device("cpu"), "bf16-mixed") is None
+    assert peak_flops_per_device(torch.device("cpu"), "bf16-mixed", override=4.1e11) == 4.1e11
+    with pytest.raises(ValueError, match="override must be > 0, got 0"):
+        peak_flops_per_device(torch.device("cpu"), "32-true", override=0)
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        peak_flops_per_device(torch.device("cpu"), "fp8")
+
+
+@pytest.mark.parametrize("name, precision, expected", [
+    ("NVIDIA H100 80GB HBM3", "bf16-mixed", 989.4e12),  # the SXM part
+    ("NVIDIA H100 PCIe", "16-mixed", 756e12),
+    ("NVIDIA H100 NVL", "bf16-true", 835.5e12),
+    ("NVIDIA H200", "bf16-mixed", 989.4e12),  # Lightning's table has no entry for this name
+    ("NVIDIA H200 NVL", "bf16-mixed", 835.5e12),
+    ("NVIDIA H200", "32-true", 67e12),  # torch's default fp32 matmul precision is "highest": no TF32
+    ("NVIDIA A100-SXM4-80GB", "bf16-mixed", 312e12),  # via Lightning's table
+])
+def test_peak_flops_cuda_names(monkeypatch, name, precision, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops_per_device(torch.device("cuda", 0), precision) == pytest.approx(expected)
+
+
+def test_peak_flops_tf32(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    assert peak_flops_per_device(torch.device("cuda"), "32-true") == pytest.approx(494.7e12)
+
+
+def test_batch_tokens():
+    x = torch.zeros(2, 8, dtype=torch.long)
+    y = torch.zeros(2, 3, dtype=torch.long)
+    assert batch_tokens({"input_ids": x, "labels": x}) == 16  # decoder labels are the same tokens
+    assert batch_tokens({"input_ids": x, "labels": y}, encoder_decoder=True) == 22
+    assert batch_tokens({"input_ids": x, "decoder_input_ids": y, "labels": y}, encoder_decoder=True) == 22
+    with pytest.raises(TypeError, match="got tuple"):
+        batch_tokens((x, x))
+
+
+class ToyLM(pl.LightningModule):
+    """Embedding + linear LM over dict batches; optional slow validation."""
+
+    FLOPS = 1e6
+
+    def __init__(self, val_sleep_s: float = 0.0) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(32, 8)
+        self.head = torch.nn.Linear(8, 32)
+        self.val_sleep_s = val_sleep_s
+
+    def training_step(self, batch, batch_idx):
+        logits = self.head(self.emb(batch["input_ids"]))  # (B, T, V)
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["input_ids"].flatten())
+
+    def validation_step(self, batch, batch_idx):
+        time.sleep(self.val_sleep_s)
+
+    def flops_per_batch(self, batch) -> float:
+        return self.FLOPS
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        batches = [{"input_ids": torch.randint(0, 32, (2, 8))} for _ in range(40)]  # 16 tokens each
+        return torch.utils.data.DataLoader(batches, batch_size=None)
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader([{"input_ids": torch.zeros(2, 8, dtype=torch.long)}], batch_size=None)
+
+
+def fit(tmp_path, monitor: SpeedMonitor, module: pl.LightningModule, **kwargs) -> list[dict]:
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=5, logger=CSVLogger(tmp_path, name="m"),
+                         callbacks=[monitor], enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, num_sanity_val_steps=0, **kwargs)
+    trainer.fit(module)
+    with open(trainer.logger.experiment.metrics_file_path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_speed_monitor_logs_tokens_and_mfu(tmp_path):
+    monitor = SpeedMonitor(peak_flops=1e12)
+    rows = fit(tmp_path, monitor, ToyLM(), log_every_n_steps=1, accumulate_grad_batches=2, limit_val_batches=0)
+    logged = [r for r in rows if r.get("perf/tokens_per_sec")]
+    # Lightning writes step = global_step - 1; the first optimizer step (row 0) only starts the clock.
+    assert [int(r["step"]) for r in logged] == [1, 2, 3, 4]
+    assert all(float(r["perf/tokens_per_sec"]) > 0 and float(r["perf/mfu"]) > 0 for r in logged)
+    s = monitor.summary()
+    # 4 measured optimizer steps x 2 micro-batches x 16 tokens; the last window is closed at train end.
+    assert s["steps_measured"] == 4 and monitor.total_tokens == 4 * 2 * 16
+    assert monitor.total_flops == 4 * 2 * ToyLM.FLOPS
+    assert s["tokens_per_sec_mean"] > 0 and s["mfu_mean"] > 0 and s["tokens_per_sec_last"] > 0
+
+
+def test_speed_monitor_without_peak_on_cpu_logs_no_mfu(tmp_path, caplog):
+    monitor = SpeedMonitor(log_every_n_steps=2)
+    rows = fit(tmp_path, monitor, ToyLM(), log_every_n_steps=1, limit_val_batches=0)
+    logged = [r for r in rows if r.get("perf/tokens_per_sec")]
+    assert [int(r["step"]) for r in logged] == [1, 3]  # windows end at global_step 2 and 4
+    assert "perf/mfu" not in rows[0] and monitor.summary()["mfu_mean"] is None
+    assert caplog.text.count("perf/mfu is not logged") == 1
+
+
+def test_speed_monitor_excludes_validation_time(tmp_path):
+    monitor = SpeedMonitor()
+    rows = fit(tmp_path, monitor, ToyLM(val_sleep_s=0.5), log_every_n_steps=1, val_check_interval=2)
+    times = [float(r["perf/step_time_s"]) for r in rows if r.get("perf/step_time_s")]
+    assert len(times) == 4 and max(times) < 0.25  # each toy step is ~ms; validation slept 0.5 s
