@@ -8,7 +8,7 @@ recomputation (activation checkpointing) is not model FLOPs and is not counted.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -68,11 +68,9 @@ def seq2seq_flops_per_example(
 def _params_without_embeddings(module: nn.Module, only_positions: bool = False) -> int:
     """Unique parameters minus nn.Embedding tables (with ``only_positions``: minus learned position
     tables only, i.e. modules named ``*wpe`` or ``*position*`` such as GPT-2's ``transformer.wpe``)."""
-    skip = {
-        id(p) for name, m in module.named_modules()
-        if isinstance(m, nn.Embedding) and (not only_positions or name.endswith("wpe") or "position" in name)
-        for p in m.parameters(recurse=False)
-    }
+    skip = {id(p) for name, m in module.named_modules() for p in m.parameters(recurse=False)
+            if isinstance(m, nn.Embedding)
+            and (not only_positions or name.endswith("wpe") or "position" in name)}
     return sum(p.numel() for p in module.parameters() if id(p) not in skip)  # parameters() dedupes ties
 
 
@@ -110,19 +108,11 @@ def _hopper_form_factor(device_name: str) -> str | None:
     name = device_name.lower()
     if "h100" not in name and "h200" not in name:  # "gh200" counts: its GPU is an H100/H200 SXM
         return None
-    if "nvl" in name:
-        return "nvl"
-    return "pcie" if ("pcie" in name or "hbm2e" in name) else "sxm"
+    return "nvl" if "nvl" in name else "pcie" if ("pcie" in name or "hbm2e" in name) else "sxm"
 
 
-def precision_dtype(precision: str | int) -> torch.dtype:
-    """Matmul dtype for a Lightning precision flag such as ``"bf16-mixed"`` or ``"32-true"``."""
-    if (dtype := _PRECISION_DTYPES.get(str(precision))) is None:
-        raise ValueError(f"unknown precision {precision!r}; expected one of {sorted(_PRECISION_DTYPES)}")
-    return dtype
-
-
-def peak_flops_per_device(device: torch.device, precision: str | int, override: float | None = None) -> float | None:
+def peak_flops_per_device(device: torch.device, precision: str | int,
+                          override: float | None = None) -> float | None:
     """Peak dense FLOP/s of one device at ``precision``; None when unknown (MFU then not reported).
 
     ``override`` (FLOP/s, > 0) wins, e.g. a measured matmul peak for a CPU. CPU is None otherwise:
@@ -133,7 +123,8 @@ def peak_flops_per_device(device: torch.device, precision: str | int, override: 
         if override <= 0:
             raise ValueError(f"peak FLOP/s override must be > 0, got {override}")
         return float(override)
-    dtype = precision_dtype(precision)
+    if (dtype := _PRECISION_DTYPES.get(str(precision))) is None:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {sorted(_PRECISION_DTYPES)}")
     device = torch.device(device)
     if device.type == "cpu":
         return None
@@ -149,12 +140,9 @@ def peak_flops_per_device(device: torch.device, precision: str | int, override: 
 
 
 def batch_tokens(batch: Mapping[str, Any], encoder_decoder: bool = False) -> int:
-    """Tokens processed for one micro-batch, padding included (that is what the hardware runs).
-
-    ``input_ids.numel()``, plus for encoder-decoder models ``decoder_input_ids.numel()`` or, when
-    the decoder inputs are derived from them inside the model, ``labels.numel()``. Decoder-only
-    ``labels`` are the shifted inputs, not extra tokens, so they are not counted.
-    """
+    """Tokens of one micro-batch, padding included (the hardware runs it): ``input_ids.numel()``,
+    plus for encoder-decoder models ``decoder_input_ids`` (or else ``labels``). Decoder-only
+    ``labels`` are the inputs shifted, not extra tokens."""
     if not isinstance(batch, Mapping) or "input_ids" not in batch:
         raise TypeError(f"SpeedMonitor needs dict batches with 'input_ids', got {type(batch).__name__}")
     n = batch["input_ids"].numel()
@@ -164,26 +152,33 @@ def batch_tokens(batch: Mapping[str, Any], encoder_decoder: bool = False) -> int
     return int(n)
 
 
+def _batch_flops_fn(pl_module: pl.LightningModule) -> Callable[[Any], float] | None:
+    """The module's FLOPs protocol (see SpeedMonitor) as a function of a micro-batch, or None."""
+    if callable(per_batch := getattr(pl_module, "flops_per_batch", None)):
+        return per_batch
+    if callable(per_token := getattr(pl_module, "flops_per_token", None)):
+        return lambda batch: per_token(batch["input_ids"].shape[-1]) * batch["input_ids"].numel()  # (B, T)
+    return None
+
+
 class SpeedMonitor(pl.Callback):
     """Logs ``perf/tokens_per_sec``, ``perf/step_time_s`` and ``perf/mfu`` during training.
 
-    Timing: wall time between the ends of optimizer steps (``time.perf_counter``) on every rank,
-    averaged over a window of ``log_every_n_steps`` optimizer steps (default: the Trainer's) and
-    written to every logger by rank 0 at the window's end. The first step after fit start or
-    resume only starts the clock (warmup, compile); time in the validation loop is subtracted.
-    The CUDA host runs ahead of the GPU, so the clock syncs at window ends only: one
-    ``torch.cuda.synchronize`` per window gives exact window times at negligible cost.
+    Timing: wall time between optimizer-step ends (``time.perf_counter``, every rank), averaged
+    over windows of ``log_every_n_steps`` optimizer steps (default: the Trainer's) that rank 0
+    writes to every logger. The first step after fit start or resume only starts the clock
+    (warmup, compile); validation-loop time is subtracted. The CUDA host runs ahead of the GPU,
+    so ``torch.cuda.synchronize`` runs at window ends only: exact window times, negligible cost.
+    Tokens: :func:`batch_tokens` per micro-batch times ``world_size`` (assumes equal batches on
+    all ranks, true for fixed-shape DDP batches; saves an all-reduce).
 
-    Tokens: :func:`batch_tokens` of every micro-batch, times ``world_size`` (assumes equal batches
-    on every rank, true for fixed-shape DDP batches; saves an all-reduce).
-
-    MFU protocol: the LightningModule defines ``flops_per_batch(self, batch) -> float``, the
-    training FLOPs of one micro-batch on one rank (decoder: ``B*T*decoder_flops_per_token(...)``,
-    seq2seq: ``B*seq2seq_flops_per_example(...)``). Per batch rather than per token because
-    seq2seq FLOPs depend on both lengths. MFU = local FLOPs / (window time * peak); that equals
-    global FLOP/s over ``world_size * peak``. The peak is ``peak_flops`` if given, else
-    :func:`peak_flops_per_device` of the root device and the Trainer's precision; without a peak
-    or ``flops_per_batch`` MFU is not logged, and that is said once in the log.
+    MFU protocol, one of two LightningModule methods: ``flops_per_batch(self, batch) -> float``,
+    training FLOPs of one micro-batch on one rank (seq2seq needs this one, its FLOPs depend on
+    both lengths: ``B*seq2seq_flops_per_example(...)``), or decoder-only ``flops_per_token(self,
+    seq_len: int) -> float`` (``decoder_flops_per_token(...)``), used as ``flops_per_token(T)*B*T``
+    for ``(B, T) = input_ids.shape``. MFU = local FLOPs / (window time * peak) = global FLOP/s /
+    (world_size * peak). Peak: ``peak_flops``, else :func:`peak_flops_per_device` for the root
+    device and Trainer precision. Without peak or protocol, no MFU (said once in the log).
 
     Results for benchmarks: ``last_tokens_per_sec``, ``last_mfu`` and :meth:`summary` (its means
     cover all measured steps, including a final partial window).
@@ -202,6 +197,7 @@ class SpeedMonitor(pl.Callback):
         self.total_flops = 0.0  # local FLOPs, like the peak
         self._peak: float | None = None
         self._encoder_decoder = self._cuda = False
+        self._flops_fn: Callable[[Any], float] | None = None
         self._restart(0)
 
     def _restart(self, global_step: int) -> None:
@@ -237,12 +233,13 @@ class SpeedMonitor(pl.Callback):
         config = getattr(getattr(pl_module, "model", None), "config", None)
         self._encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
         self._peak = peak_flops_per_device(device, trainer.precision, self.peak_flops)
-        if self._peak is None:
-            rank_zero_info(f"SpeedMonitor: no peak FLOP/s known for {device} at {trainer.precision}; "
-                           "perf/mfu is not logged (pass SpeedMonitor(peak_flops=...)).")
-        elif not callable(getattr(pl_module, "flops_per_batch", None)):
-            rank_zero_info(f"SpeedMonitor: {type(pl_module).__name__} has no flops_per_batch(batch); "
-                           "perf/mfu is not logged.")
+        self._flops_fn = _batch_flops_fn(pl_module)
+        if self._peak is None or self._flops_fn is None:
+            why = (f"no peak FLOP/s known for {device} at {trainer.precision} (pass peak_flops=...)"
+                   if self._peak is None else f"{type(pl_module).__name__} defines neither "
+                   "flops_per_batch(batch) nor flops_per_token(seq_len)")
+            rank_zero_info(f"SpeedMonitor: perf/mfu is not logged: {why}.")
+            self._flops_fn = None
         self._restart(trainer.global_step)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -257,9 +254,8 @@ class SpeedMonitor(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         self._pending[0] += batch_tokens(batch, self._encoder_decoder)
-        flops_fn = getattr(pl_module, "flops_per_batch", None)
-        if self._peak is not None and callable(flops_fn):
-            self._pending[1] += float(flops_fn(batch))
+        if self._flops_fn is not None:
+            self._pending[1] += float(self._flops_fn(batch))
         if trainer.global_step == self._last_step:
             return  # gradient accumulation: no optimizer step yet
         self._last_step = trainer.global_step

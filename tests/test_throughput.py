@@ -182,3 +182,19 @@ def test_speed_monitor_excludes_validation_time(tmp_path):
     rows = fit(tmp_path, monitor, ToyLM(val_sleep_s=0.5), log_every_n_steps=1, val_check_interval=2)
     times = [float(r["perf/step_time_s"]) for r in rows if r.get("perf/step_time_s")]
     assert len(times) == 4 and max(times) < 0.25  # each toy step is ~ms; validation slept 0.5 s
+
+
+class ToyTokenLM(ToyLM):
+    """The decoder-only protocol: flops_per_token(seq_len) instead of flops_per_batch(batch)."""
+
+    flops_per_batch = None
+
+    def flops_per_token(self, seq_len: int) -> float:
+        return 1000.0 * seq_len
+
+
+def test_speed_monitor_flops_per_token_protocol(tmp_path):
+    monitor = SpeedMonitor(peak_flops=1e12)
+    rows = fit(tmp_path, monitor, ToyTokenLM(), log_every_n_steps=1, limit_val_batches=0)
+    assert sum(1 for r in rows if r.get("perf/mfu")) == 4
+    assert monitor.total_flops == 4 * (1000.0 * 8) * 16  # 4 measured steps x (B=2, T=8) tokens
