@@ -1,0 +1,134 @@
+"""Sampled continuations of a few fixed prompts during pretraining, as a W&B table or log lines.
+
+Sampling runs inside ``torch.random.fork_rng`` with its own seed, so it never advances the
+training RNG streams (dropout, anything drawing from torch's global generators): a run that
+samples and a run resumed from a checkpoint (which samples at other moments, or not at all)
+see the same training randomness. Exact resume depends on this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+DEFAULT_PROMPTS: tuple[str, ...] = ("The", "In the beginning", "First Citizen:")
+
+
+class GenerationSamples(pl.Callback):
+    """Every ``every_n_steps`` optimizer steps (checked at validation end) and once at the end of
+    training, sample one continuation per prompt from ``pl_module.model.generate`` (an HF causal
+    LM) with ``pl_module.tokenizer``.
+
+    Rank 0 only, never during the sanity check. Rows ``{"step", "prompt", "completion"}`` go to
+    every ``WandbLogger`` as the table ``samples`` (``log_text``); without one they are written
+    with ``rank_zero_info``. ``last_samples`` keeps the latest rows. Prompts are generated one at
+    a time, so no padding side matters; each is encoded with the tokenizer's own special-token
+    convention (``add_special_tokens=True``). The model is put in eval mode and restored, and a
+    ``torch.compile``-d model runs eagerly here (no recompiles for growing lengths).
+    Not under DeepSpeed ZeRO-3 / FSDP: sharded weights would need every rank in ``generate``.
+    """
+
+    def __init__(
+        self,
+        prompts: Sequence[str] = DEFAULT_PROMPTS,
+        every_n_steps: int = 500,
+        max_new_tokens: int = 48,
+        temperature: float = 0.8,
+        top_k: int = 50,
+        seed: int = 0,
+    ) -> None:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or not all(isinstance(p, str) and p for p in prompts):
+            raise ValueError(f"prompts must be a non-empty list of non-empty strings, got {prompts!r}")
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (sampling), got {temperature}")
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+        self.prompts = prompts
+        self.every_n_steps = every_n_steps
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_k = top_k
+        self.seed = seed
+        self.last_samples: list[dict[str, Any]] = []
+        self._last_step = 0  # global_step of the last samples; checkpointed, see state_dict
+        self._warned_sharded = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self._last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_step = int(state_dict.get("last_step", 0))
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Crossed a multiple of every_n_steps since the last samples (validation may not land on it).
+        if trainer.global_step // self.every_n_steps > self._last_step // self.every_n_steps:
+            self._sample_and_log(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step != self._last_step:
+            self._sample_and_log(trainer, pl_module)
+
+    def _sample_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        strategy = trainer.strategy
+        if getattr(strategy, "zero_stage_3", False) or "fsdp" in type(strategy).__name__.lower():
+            if not self._warned_sharded:
+                rank_zero_warn(f"GenerationSamples: skipped under {type(strategy).__name__} (sharded weights).")
+                self._warned_sharded = True
+            return
+        self._last_step = trainer.global_step  # on every rank, so the checkpointed state agrees
+        if not trainer.is_global_zero:
+            return
+        rows = [{"step": trainer.global_step, "prompt": p, "completion": c}
+                for p, c in zip(self.prompts, self.generate(pl_module.model, pl_module.tokenizer))]
+        self.last_samples = rows
+        wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        for logger in wandb_loggers:
+            data = [[str(r["step"]), r["prompt"], r["completion"]] for r in rows]
+            logger.log_text(key="samples", columns=["step", "prompt", "completion"], data=data,
+                            step=trainer.global_step)
+        if not wandb_loggers:
+            for r in rows:
+                rank_zero_info(f"[sample step {r['step']}] {r['prompt']!r} -> {r['completion']!r}")
+
+    @torch.no_grad()
+    def generate(self, model: torch.nn.Module, tokenizer: Any) -> list[str]:
+        """One sampled completion (prompt excluded, special tokens dropped) per prompt.
+
+        Deterministic for a given seed and weights; leaves torch's CPU and CUDA RNG states as
+        they were. ``pad_token_id`` is the tokenizer's pad (eos if it has none).
+        """
+        device = next(model.parameters()).device
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        # torch.manual_seed reseeds every CUDA device, so fork (restore) them all.
+        cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        was_training = model.training
+        model.eval()
+        completions = []
+        try:
+            with torch.random.fork_rng(devices=cuda_devices), torch.compiler.set_stance("force_eager"):
+                torch.manual_seed(self.seed)
+                for prompt in self.prompts:
+                    enc = tokenizer(prompt, return_tensors="pt").to(device)  # input_ids: (1, T)
+                    if enc["input_ids"].shape[1] == 0:
+                        raise ValueError(f"prompt {prompt!r} encodes to no tokens")
+                    out = model.generate(
+                        **enc, do_sample=True, max_new_tokens=self.max_new_tokens,
+                        temperature=self.temperature, top_k=self.top_k, pad_token_id=pad_id,
+                    )  # (1, T + new)
+                    new_tokens = out[0, enc["input_ids"].shape[1]:]
+                    completions.append(tokenizer.decode(new_tokens, skip_special_tokens=True))
+        finally:
+            model.train(was_training)
+        return completions
