@@ -1,0 +1,123 @@
+"""Lightning data module for pre-training on a prepared token-shard corpus."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from pretrain.corpus import CorpusConfig, prepare_corpus
+from pretrain.shards import ContiguousBlocks, RandomBlocks, ResumableBlockSampler, TokenStream, load_manifest
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader with ``state_dict`` / ``load_state_dict``, so Lightning treats it as resumable.
+
+    The position inside the epoch is restored by the sampler (see
+    :meth:`PretrainDataModule.train_dataloader`); the state only records what the block sequence
+    depends on, and loading it refuses a checkpoint whose sequence would differ.
+    """
+
+    def __init__(self, *args: Any, loader_state: dict[str, Any], **kwargs: Any) -> None:
+        """Args: DataLoader arguments; ``loader_state``: the settings the block sequence depends on."""
+        super().__init__(*args, **kwargs)
+        self.loader_state = dict(loader_state)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The settings the block sequence depends on (seed, block size, batch size, world size)."""
+        return dict(self.loader_state)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Check a checkpoint's settings match ours; resuming with others would not be exact."""
+        diff = {k: (v, self.loader_state.get(k)) for k, v in state_dict.items() if self.loader_state.get(k) != v}
+        if diff:
+            raise ValueError("cannot resume the train dataloader exactly: settings differ from the checkpoint "
+                             + ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items()))
+
+
+class PretrainDataModule(L.LightningDataModule):
+    """Random blocks of a prepared corpus for training, contiguous blocks for validation."""
+
+    def __init__(self, corpus: CorpusConfig, block_size: int = 256, batch_size: int = 16, num_workers: int = 0,
+                 seed: int = 1234) -> None:
+        """Args:
+        corpus: the corpus to prepare (once, idempotently) and read.
+        block_size: tokens per training/validation sequence (T).
+        batch_size: sequences per batch on each device (B).
+        num_workers: DataLoader worker processes (0 = load in the training process).
+        seed: seed of the random block offsets (together with the epoch and the sample index).
+        """
+        super().__init__()
+        self.corpus, self.block_size, self.batch_size = corpus, block_size, batch_size
+        self.num_workers, self.seed = num_workers, seed
+        self.tokenizer = None
+        self._manifest: dict | None = None
+        self._streams: dict[str, TokenStream] = {}
+
+    def prepare_data(self) -> None:
+        """Tokenize the corpus if needed (Lightning runs this on one process per node)."""
+        prepare_corpus(self.corpus)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the manifest, the corpus tokenizer and the split streams."""
+        from transformers import AutoTokenizer
+
+        from pretrain.shards import check_tokenizer
+
+        if self.tokenizer is not None:
+            return
+        out_dir = self.corpus.out_dir
+        self._manifest = load_manifest(out_dir)
+        tokenizer = AutoTokenizer.from_pretrained(f"{out_dir}/tokenizer")
+        check_tokenizer(self._manifest, tokenizer)  # the shards' ids must mean what the model is told
+        self._streams = {split: TokenStream(out_dir, split) for split in ("train", "val")}
+        self.tokenizer = tokenizer
+
+    @property
+    def manifest(self) -> dict:
+        """The corpus manifest (after setup)."""
+        if self._manifest is None:
+            raise RuntimeError("PretrainDataModule.setup() has not run yet")
+        return self._manifest
+
+    @property
+    def vocab_size(self) -> int:
+        """Embedding rows the model needs: ``len(tokenizer)`` (includes added tokens such as pad)."""
+        if self.tokenizer is None:
+            raise RuntimeError("PretrainDataModule.setup() has not run yet")
+        return len(self.tokenizer)
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Random-offset blocks; resumes mid-epoch exactly when Lightning restored a checkpoint."""
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        dataset = RandomBlocks(self._stream("train"), self.block_size, seed=self.seed)
+        sampler = ResumableBlockSampler(dataset, self.batch_size, num_replicas=world, rank=rank, seed=self.seed)
+        if trainer is not None:
+            # On resume Lightning restores the loop progress before it calls this (fit_loop.setup_data
+            # runs while the loops are still `restarting`). `processed`, not `completed`: a checkpoint
+            # saved in on_train_batch_end holds completed = processed - 1 (completed is bumped after
+            # the hook), yet that batch is done. The sampler then yields only the remaining batches,
+            # while len() stays the full epoch because Lightning counts restored batches against it.
+            # When not restarting (fresh fit, or a reload at a later epoch) the progress counter is
+            # stale or zero, so the epoch starts at batch 0.
+            epoch_loop = trainer.fit_loop.epoch_loop
+            done = epoch_loop.batch_progress.current.processed if epoch_loop.restarting else 0
+            sampler.resume(trainer.current_epoch, min(done, sampler.batches_per_epoch))
+        state = {"seed": self.seed, "block_size": self.block_size, "batch_size": self.batch_size,
+                 "world_size": world, "corpus": self.manifest["inputs"]["fingerprint"]}
+        return ResumableDataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                                   pin_memory=torch.cuda.is_available(), drop_last=True, loader_state=state)
+
+    def val_dataloader(self) -> DataLoader:
+        """Consecutive non-overlapping blocks covering the validation split, in order."""
+        dataset = ContiguousBlocks(self._stream("val"), self.block_size)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                          pin_memory=torch.cuda.is_available())
+
+    def _stream(self, split: str) -> TokenStream:
+        if split not in self._streams:
+            raise RuntimeError(f"PretrainDataModule: no {split} stream; call prepare_data() and setup() first")
+        return self._streams[split]
