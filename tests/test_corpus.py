@@ -144,3 +144,26 @@ def test_gpt2_tokenizer_from_data_root(data_root, tiny_corpus_files, tmp_path):
     assert manifest["dtype"] == "uint16"
     assert manifest["tokenizer"]["vocab_size"] == 50258
     assert manifest["tokenizer"]["eos_id"] == 50256 and manifest["tokenizer"]["pad_id"] == 50257
+
+
+def test_streaming_path_matches_map_path(tiny_corpus_files, tmp_path, monkeypatch):
+    import pretrain.prepare as prep
+
+    mapped = prepare_corpus(_config(tiny_corpus_files, tmp_path / "mapped"))
+    real_load = prep.load_source
+    # Stand-in for a streamed hub dataset: the same local rows as an IterableDataset.
+    monkeypatch.setattr(prep, "load_source", lambda *a, **k: real_load(*a, **k).to_iterable_dataset())
+    streamed = prepare_corpus(_config(tiny_corpus_files, tmp_path / "streamed"))
+    assert streamed["tokenizer"]["fingerprint"] == mapped["tokenizer"]["fingerprint"]
+    for split in ("train", "val"):
+        assert streamed["splits"][split]["documents"] == mapped["splits"][split]["documents"]
+        a, b = TokenStream(tmp_path / "mapped", split), TokenStream(tmp_path / "streamed", split)
+        assert np.array_equal(a.read(0, len(a)), b.read(0, len(b)))
+
+
+def test_unusable_local_and_hub_error_names_both(tmp_path):
+    src = CorpusSource(local="no/such/local.txt", hub="no-such-hub-dataset-xyz")
+    config = CorpusConfig(sources=[src], out_dir=str(tmp_path / "out"), num_proc=1)
+    with pytest.raises(ValueError, match=r"no/such/local.txt.*data root.*no-such-hub-dataset-xyz"):
+        prepare_corpus(config)  # offline: the hub load fails fast
+    assert not (tmp_path / "out").exists()
