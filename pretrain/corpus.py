@@ -154,7 +154,8 @@ def resolve_source(index: int, src: CorpusSource) -> ResolvedSource:
         return ResolvedSource(index, src, f"sources[{index}] ({entries[0]})", files, fmt, spec)
     if src.hub:
         if missing:
-            log.info("sources[%d]: local %s not found (data root %s); using hub %s", index, missing, data_root(), src.hub)
+            log.info("sources[%d]: local %s not found (data root %s); using hub %s",
+                     index, missing, data_root(), src.hub)
         spec = {"hub": src.hub, "hub_config": src.hub_config, "split": src.split, **common}
         return ResolvedSource(index, src, f"sources[{index}] (hub {src.hub})", None, None, spec)
     raise FileNotFoundError(

@@ -54,10 +54,13 @@ class _Encode:
         return {"ids": [e.ids + [self.eos_id] for e in self.backend.encode_batch(texts, add_special_tokens=False)]}
 
 
-def _nonempty(ds, res: ResolvedSource, num_proc: int):
+def _nonempty(ds, res: ResolvedSource, num_proc: int, cache_dir: Path):
+    """The source without empty / whitespace-only documents."""
     col = res.source.text_column
+    # Cache files go to the build dir (deleted with it), not next to a hub dataset's download.
     return ds.filter(lambda b: [t is not None and bool(t.strip()) for t in b[col]], batched=True,
-                     num_proc=_procs(num_proc, len(ds)), desc=f"drop empty docs {res.name}")
+                     num_proc=_procs(num_proc, len(ds)), desc=f"drop empty docs {res.name}",
+                     cache_file_name=str(cache_dir / f"source{res.index}-nonempty.arrow"))
 
 
 def _procs(num_proc: int, n_rows: int) -> int | None:
@@ -83,6 +86,7 @@ def build_corpus(config: CorpusConfig, resolved: list[ResolvedSource], tok: Any,
 
     from common.tokenizer import tokenizer_fingerprint, train_bpe_tokenizer
 
+    (tmp / ".hf_cache").mkdir()
     has_val_source = any(r.source.role == "val" for r in resolved)
     loaded = []  # (resolved, dataset, streamed)
     for res in resolved:
@@ -90,7 +94,7 @@ def build_corpus(config: CorpusConfig, resolved: list[ResolvedSource], tok: Any,
         streamed = not isinstance(ds, datasets.Dataset)
         if not streamed:
             check_text_column(res, ds.column_names)
-            ds = _nonempty(ds, res, config.num_proc)
+            ds = _nonempty(ds, res, config.num_proc, tmp / ".hf_cache")
         loaded.append((res, ds, streamed))
 
     # Split map-style sources by index masks; streamed ones are split on the fly (stream_documents).
@@ -137,7 +141,8 @@ def build_corpus(config: CorpusConfig, resolved: list[ResolvedSource], tok: Any,
             continue
         for split in SPLITS:
             if (res.index, split) in parts:
-                docs[split] += _write_mapped(parts[res.index, split], res, split, encode, writers[split], config)
+                docs[split] += _write_mapped(parts[res.index, split], res, split, encode, writers[split],
+                                             config.num_proc, tmp / ".hf_cache")
     files = {s: w.close() for s, w in writers.items()}
     if docs["val"] == 0:
         raise ValueError("no validation documents were held out; raise val_fraction or lower holdout_block")
@@ -165,15 +170,17 @@ def _train_texts(loaded: list, parts: dict, config: CorpusConfig, has_val_source
                 yield from batch[res.source.text_column]
 
 
-def _write_mapped(ds, res: ResolvedSource, split: str, encode: _Encode, writer: ShardWriter, config: CorpusConfig) -> int:
+def _write_mapped(ds, res: ResolvedSource, split: str, encode: _Encode, writer: ShardWriter, num_proc: int,
+                  cache_dir: Path) -> int:
     """Tokenize a map-style dataset with datasets.map (parallel, progress bar) and append it; returns docs."""
     import datasets
     import pyarrow.compute as pc
 
     if len(ds) == 0:
         return 0
-    mapped = ds.map(encode, batched=True, batch_size=_BATCH, num_proc=_procs(config.num_proc, len(ds)),
+    mapped = ds.map(encode, batched=True, batch_size=_BATCH, num_proc=_procs(num_proc, len(ds)),
                     remove_columns=ds.column_names, desc=f"tokenize {res.name} [{split}]",
+                    cache_file_name=str(cache_dir / f"source{res.index}-{split}-tokens.arrow"),
                     features=datasets.Features({"ids": datasets.List(datasets.Value("int32"))}))
     for table in mapped.with_format("arrow").iter(batch_size=10 * _BATCH):
         writer.write(pc.list_flatten(table["ids"]).to_numpy())  # (tokens in these docs,)
