@@ -21,7 +21,13 @@ class ResumableDataLoader(DataLoader):
     """
 
     def __init__(self, *args: Any, loader_state: dict[str, Any], **kwargs: Any) -> None:
-        """Args: DataLoader arguments; ``loader_state``: the settings the block sequence depends on."""
+        """A DataLoader that also carries ``loader_state``.
+
+        Args:
+            args: positional DataLoader arguments.
+            loader_state: the settings the block sequence depends on (checked on resume).
+            kwargs: keyword DataLoader arguments.
+        """
         super().__init__(*args, **kwargs)
         self.loader_state = dict(loader_state)
 
@@ -42,12 +48,14 @@ class PretrainDataModule(L.LightningDataModule):
 
     def __init__(self, corpus: CorpusConfig, block_size: int = 256, batch_size: int = 16, num_workers: int = 0,
                  seed: int = 1234) -> None:
-        """Args:
-        corpus: the corpus to prepare (once, idempotently) and read.
-        block_size: tokens per training/validation sequence (T).
-        batch_size: sequences per batch on each device (B).
-        num_workers: DataLoader worker processes (0 = load in the training process).
-        seed: seed of the random block offsets (together with the epoch and the sample index).
+        """Random blocks of a prepared corpus for training, contiguous blocks for validation.
+
+        Args:
+            corpus: the corpus to prepare (once, idempotently) and read.
+            block_size: tokens per training/validation sequence (T).
+            batch_size: sequences per batch on each device (B).
+            num_workers: DataLoader worker processes (0 = load in the training process).
+            seed: seed of the random block offsets (together with the epoch and the sample index).
         """
         super().__init__()
         self.corpus, self.block_size, self.batch_size = corpus, block_size, batch_size
