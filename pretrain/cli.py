@@ -1,0 +1,103 @@
+"""`python -m pretrain fit|validate --config configs/pretrain/<preset>.yaml` (LightningCLI).
+
+Everything a run needs is in its YAML: `model` (CausalLMSystem), `data` (PretrainDataModule),
+`trainer`, plus the callback groups `checkpoint`, `speed` and `samples`. A run lives in
+`trainer.default_root_dir`: its resolved `config.yaml`, `checkpoints/` (last + best-k by val loss)
+and `wandb/`. `fit --ckpt_path last` resumes it exactly and continues the same W&B run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
+
+from common.checkpoint_io import AtomicCheckpointIO, load_checkpoint_file
+from common.throughput import SpeedMonitor
+from common.wandb_logger import AutoWandbLogger, WandbRunIdCallback, resume_wandb_run
+from pretrain.data import PretrainDataModule
+from pretrain.samples import GenerationSamples
+from pretrain.system import CausalLMSystem
+
+
+def _checkpoint_dir(run_dir: str | None) -> str:
+    return os.path.join(run_dir or "runs/default", "checkpoints")
+
+
+class PretrainCLI(LightningCLI):
+    """LightningCLI with the run-directory, checkpoint and W&B conventions of lmtrain."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.monitor": "val/loss",
+            "checkpoint.mode": "min",
+            "checkpoint.save_top_k": 3,
+            "checkpoint.save_last": True,
+            # No "/" from the metric name in file names: it would create sub-directories.
+            "checkpoint.filename": "step{step:07d}-val_loss{val/loss:.4f}",
+            "checkpoint.auto_insert_metric_name": False,
+        })
+        # One place decides where checkpoints go, so `--ckpt_path last` always finds them.
+        parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
+        parser.add_lightning_class_args(SpeedMonitor, "speed")
+        parser.add_lightning_class_args(GenerationSamples, "samples")
+        parser.set_defaults({
+            "trainer.default_root_dir": "runs/default",
+            "trainer.logger": {"class_path": "common.wandb_logger.AutoWandbLogger"},
+        })
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        logger = config.trainer.logger
+        # W&B files belong to the run directory unless the user chose another place.
+        if logger and getattr(logger, "class_path", "").endswith("AutoWandbLogger"):
+            if logger.init_args.get("save_dir") in (None, "."):
+                logger.init_args["save_dir"] = config.trainer.default_root_dir
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        strategy = trainer.strategy
+        # Atomic writes unless a strategy brings its own checkpoint format (DeepSpeed).
+        if type(strategy.checkpoint_io) is not AtomicCheckpointIO and _is_plain_torch_io(strategy.checkpoint_io):
+            strategy.checkpoint_io = AtomicCheckpointIO()
+        trainer.callbacks.append(WandbRunIdCallback())
+        return trainer
+
+    def before_fit(self) -> None:
+        ckpt_path = self.config.fit.get("ckpt_path")
+        resolved = self._resolve_ckpt_path(ckpt_path)
+        if resolved is not None:
+            # Continue the same W&B run: the id was saved in the checkpoint.
+            run_id = resume_wandb_run(self.trainer.loggers, load_checkpoint_file(resolved))
+            if run_id:
+                print(f"Resuming W&B run {run_id} from {resolved}")
+
+    def _resolve_ckpt_path(self, ckpt_path: str | None) -> Path | None:
+        if ckpt_path in (None, "best", "hpc", "registry"):
+            return None
+        if ckpt_path == "last":
+            last = Path(self.trainer.checkpoint_callback.dirpath) / "last.ckpt"
+            return last if last.is_file() else None
+        return Path(ckpt_path)
+
+
+def _is_plain_torch_io(io: CheckpointIO | None) -> bool:
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    return io is None or type(io) is TorchCheckpointIO
+
+
+def main(args: list[str] | None = None) -> PretrainCLI:
+    return PretrainCLI(
+        CausalLMSystem,
+        PretrainDataModule,
+        seed_everything_default=1234,
+        save_config_kwargs={"overwrite": True},  # a resumed run rewrites the same config.yaml
+        auto_configure_optimizers=False,  # the system builds AdamW + schedule itself
+        load_from_checkpoint_support=False,  # keep hyper-parameters primitive (weights_only loads)
+        args=args,
+    )

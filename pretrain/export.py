@@ -1,0 +1,109 @@
+"""`python -m pretrain export <checkpoint> <out_dir>`: a Hugging Face model directory from a checkpoint.
+
+The output (config.json, model.safetensors, generation_config.json, tokenizer files) loads offline
+with `AutoModelForCausalLM.from_pretrained(out_dir)` and `pipeline("text-generation", model=out_dir)`.
+transformers fills weights missing from a directory with random values without failing, so the
+export reloads what it wrote and compares logits before it declares success.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from jsonargparse import CLI
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, GenerationConfig, PreTrainedModel
+
+from common.checkpoint_io import CheckpointError, check_lmtrain_checkpoint, load_checkpoint_file
+from common.tokenizer import tokenizer_from_files
+
+# model family -> HF auto class that loads it
+AUTO_CLASSES = {"gpt2": AutoModelForCausalLM, "t5": AutoModelForSeq2SeqLM}
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a run directory (its checkpoints/last.ckpt)."""
+    path = Path(path)
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
+            if candidate.is_file():
+                return candidate
+        raise CheckpointError(f"{path} is a directory without checkpoints/last.ckpt")
+    return path
+
+
+def model_from_checkpoint(checkpoint: dict, source: str) -> tuple[PreTrainedModel, dict]:
+    """Rebuild the HF model of a checkpoint and load its weights strictly; returns (model, metadata)."""
+    meta = check_lmtrain_checkpoint(checkpoint, source)
+    if meta["family"] not in AUTO_CLASSES:
+        raise CheckpointError(f"{source}: unknown model family {meta['family']!r}")
+    hf_config = dict(meta["hf_config"])
+    config = AutoConfig.for_model(hf_config.pop("model_type"), **hf_config)
+    model = AUTO_CLASSES[meta["family"]].from_config(config)
+    prefix = "model."
+    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Tied LM heads may legitimately be absent from older state dicts; anything else is an error.
+    missing = [k for k in missing if not (model.config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: weights do not match the model config "
+                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return model.eval(), meta
+
+
+def export_checkpoint(checkpoint: str, out_dir: str, overwrite: bool = False, verify: bool = True) -> Path:
+    """Write the Hugging Face model directory ``out_dir`` from an lmtrain checkpoint.
+
+    Args:
+        checkpoint: A `.ckpt` file or a run directory (uses its checkpoints/last.ckpt).
+        out_dir: Output directory (config, safetensors weights, tokenizer, generation config).
+        overwrite: Replace ``out_dir`` if it exists (it is only replaced once the export succeeded).
+        verify: Reload the written directory and compare logits with the checkpoint's model.
+    """
+    ckpt_path = resolve_checkpoint(checkpoint)
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite true to replace it")
+    model, meta = model_from_checkpoint(load_checkpoint_file(ckpt_path), str(ckpt_path))
+    tokenizer = tokenizer_from_files(meta["tokenizer_files"])
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        decoder_start_token_id=getattr(model.config, "decoder_start_token_id", None),
+        do_sample=meta["family"] == "gpt2",  # free text generation samples; seq2seq decodes greedily
+        top_k=50,
+        max_new_tokens=64,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if verify:
+            _verify_export(model, tmp, meta["family"], tokenizer.eos_token_id)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+@torch.no_grad()
+def _verify_export(model: PreTrainedModel, directory: Path, family: str, token_id: int) -> None:
+    reloaded = AUTO_CLASSES[family].from_pretrained(directory).eval()
+    ids = torch.arange(8).remainder(model.config.vocab_size).unsqueeze(0)  # (1, 8)
+    kwargs = {"decoder_input_ids": ids} if family == "t5" else {}
+    expected, actual = model(input_ids=ids, **kwargs).logits, reloaded(input_ids=ids, **kwargs).logits
+    if not torch.equal(expected, actual):
+        diff = (expected - actual).abs().max().item()
+        raise RuntimeError(f"Exported model in {directory} does not reproduce the checkpoint's logits (max diff {diff})")
+
+
+def main(args: list[str] | None = None) -> None:
+    out = CLI(export_checkpoint, args=args)
+    print(f"Exported Hugging Face model to {out}")

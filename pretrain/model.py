@@ -1,0 +1,92 @@
+"""Model architectures for pretraining, built from `transformers` classes.
+
+We do not re-implement GPT-2: `GPT2Config` -> `GPT2LMHeadModel` (SDPA attention) is the
+architecture. What lives here is the mapping from a small, typed preset (what a YAML names) to
+the HF config, plus the vocabulary rule: the model's vocabulary is the tokenizer's, rounded up to
+a multiple of 64 so the embedding/LM-head matmuls hit fast kernel shapes (nanoGPT: 50257 -> 50304).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+
+def padded_vocab_size(n_tokens: int, multiple: int = 64) -> int:
+    """Smallest multiple of ``multiple`` that holds ``n_tokens`` ids."""
+    return ((n_tokens + multiple - 1) // multiple) * multiple
+
+
+@dataclass
+class GPT2Arch:
+    """GPT-2 decoder shape. Defaults are GPT-2 small (124M); presets override a few fields."""
+
+    n_layer: int = 12
+    """Transformer blocks."""
+    n_head: int = 12
+    """Attention heads per block; must divide n_embd."""
+    n_embd: int = 768
+    """Model width d."""
+    n_positions: int = 1024
+    """Maximum context length (learned position embeddings)."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention and residuals (0 is usual for pretraining)."""
+    vocab_size: int | None = None
+    """Model vocabulary; None = the tokenizer's size padded to a multiple of ``vocab_multiple``."""
+    vocab_multiple: int = 64
+    """Round the vocabulary up to this multiple."""
+    attn_implementation: str = "sdpa"
+    """HF attention backend: "sdpa" (PyTorch scaled_dot_product_attention) or "eager"."""
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model.arch: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        for name in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_multiple"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.arch.{name} must be >= 1, got {getattr(self, name)}")
+
+    def resolve_vocab(self, tokenizer_size: int) -> int:
+        """The model vocabulary for a tokenizer of ``tokenizer_size`` ids (clear error if it cannot hold them)."""
+        if self.vocab_size is None:
+            return padded_vocab_size(tokenizer_size, self.vocab_multiple)
+        if tokenizer_size > self.vocab_size:
+            raise ValueError(
+                f"The tokenizer has {tokenizer_size} tokens but model.arch.vocab_size is {self.vocab_size}: "
+                "token ids past the model's vocabulary would index out of range. "
+                "Raise vocab_size or leave it unset (null) to size it from the tokenizer."
+            )
+        return self.vocab_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_gpt2(arch: GPT2Arch, tokenizer_size: int, eos_id: int, pad_id: int | None) -> GPT2LMHeadModel:
+    """A randomly initialised GPT2LMHeadModel for ``arch`` and a tokenizer of ``tokenizer_size`` ids."""
+    config = GPT2Config(
+        vocab_size=arch.resolve_vocab(tokenizer_size),
+        n_positions=arch.n_positions,
+        n_embd=arch.n_embd,
+        n_layer=arch.n_layer,
+        n_head=arch.n_head,
+        resid_pdrop=arch.dropout,
+        embd_pdrop=arch.dropout,
+        attn_pdrop=arch.dropout,
+        # GPT2Config defaults these to 50256: set them from the tokenizer (small vocabularies).
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        tie_word_embeddings=True,
+    )
+    config._attn_implementation = arch.attn_implementation
+    return GPT2LMHeadModel(config)
+
+
+def count_params(model: torch.nn.Module, exclude_position_embeddings: bool = True) -> int:
+    """Parameter count N for the 6N FLOPs rule; GPT-2's learned position table does no matmul."""
+    n = sum(p.numel() for p in model.parameters())
+    if exclude_position_embeddings and hasattr(model, "transformer") and hasattr(model.transformer, "wpe"):
+        n -= model.transformer.wpe.weight.numel()
+    return n

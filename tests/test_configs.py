@@ -1,0 +1,32 @@
+"""Every YAML under configs/ parses and type-checks against the class it configures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pretrain.cli import main as pretrain_cli
+from pretrain.prepare import main as prepare_main
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+ALL_YAML = sorted(CONFIGS.rglob("*.yaml"))
+
+
+def test_there_are_configs_to_check() -> None:
+    assert {p.parent.name for p in ALL_YAML} >= {"pretrain", "data"}
+
+
+@pytest.mark.parametrize("path", ALL_YAML, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_config_parses(path: Path, capsys: pytest.CaptureFixture) -> None:
+    kind = path.relative_to(CONFIGS).parts[0]
+    if kind == "pretrain":
+        run = lambda: pretrain_cli(["fit", "--config", str(path), "--print_config"])  # noqa: E731
+    elif kind == "data":
+        run = lambda: prepare_main(["--config", str(path), "--print_config"])  # noqa: E731
+    else:
+        pytest.fail(f"no parser is registered for configs/{kind}/ — add one to this test")
+    with pytest.raises(SystemExit) as exit_info:
+        run()
+    assert exit_info.value.code in (0, None), capsys.readouterr().err
+    assert capsys.readouterr().out.strip(), "--print_config printed nothing"

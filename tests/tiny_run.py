@@ -1,0 +1,72 @@
+"""A tiny pretraining run for CLI tests: synthetic corpus, 2-layer width-32 GPT, 300-token BPE."""
+
+from __future__ import annotations
+
+import random
+import signal
+import os
+from pathlib import Path
+
+from lightning.pytorch import Callback
+
+_WORDS = ("the fox dog cat bird runs jumps sleeps eats sees under over near a one small big red blue "
+          "quick lazy happy river tree house stone light dark morning evening").split()
+
+
+def write_corpus(directory: Path, n_lines: int = 400, seed: int = 0) -> Path:
+    """Seeded pseudo-sentences: enough tokens for many random blocks, built in milliseconds."""
+    rng = random.Random(seed)
+    lines = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 14))).capitalize() + "."
+             for _ in range(n_lines)]
+    path = directory / "corpus.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def write_run_config(tmp_path: Path, max_steps: int = 8, val_every: int = 4, **trainer: object) -> Path:
+    """A complete fit config for a tiny GPT on a synthetic corpus; returns its path."""
+    corpus = write_corpus(tmp_path)
+    extra = "".join(f"  {k}: {v}\n" for k, v in trainer.items())
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"""\
+model:
+  arch: {{n_layer: 2, n_head: 2, n_embd: 32, n_positions: 64, dropout: 0.1}}
+  lr: 1.0e-2
+  warmup_steps: 2
+data:
+  corpus:
+    sources: [{{local: {corpus}}}]
+    out_dir: {tmp_path / 'corpus'}
+    bpe_vocab_size: 300
+    num_proc: 1
+  block_size: 32
+  batch_size: 4
+trainer:
+  default_root_dir: {tmp_path / 'run'}
+  max_steps: {max_steps}
+  val_check_interval: {val_every}
+  limit_val_batches: 2
+  num_sanity_val_steps: 0
+  enable_progress_bar: false
+  accelerator: cpu
+  devices: 1
+{extra}samples:
+  every_n_steps: {val_every}
+  max_new_tokens: 4
+""", encoding="utf-8")
+    return config
+
+
+class KillAtStep(Callback):
+    """Test-only: SIGKILL this process in the middle of the optimizer step after step ``step``.
+
+    Real SIGKILL (no cleanup, no atexit) is what a preempted or OOM-killed job gets. By then the
+    checkpoint of step ``step`` is on disk, and step ``step + 1`` has done its forward/backward.
+    """
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step >= self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
