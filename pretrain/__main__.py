@@ -1,4 +1,10 @@
-"""`python -m pretrain {fit,validate,prepare,export} ...`"""
+"""`python -m pretrain {fit,validate,prepare,export} ...`
+
+  prepare   tokenize a corpus into memory-mapped token shards   (python -m pretrain prepare --help)
+  fit       pretrain (prepares the corpus first when needed)    (python -m pretrain fit --help)
+  validate  evaluate a checkpoint on the validation split
+  export    write a Hugging Face model directory from a checkpoint (python -m pretrain export --help)
+"""
 
 import os
 import sys
@@ -7,19 +13,26 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we fork DataLoader/d
 
 
 def main() -> None:
+    from common.user_errors import report_user_errors
+
     command = sys.argv[1] if len(sys.argv) > 1 else None
+    if command in (None, "-h", "--help"):
+        print(__doc__)
+        if command is None:
+            raise SystemExit(2)
+        # then LightningCLI's own help below
     if command == "prepare":
         from pretrain.prepare import main as prepare_main
 
-        prepare_main(sys.argv[2:])
+        report_user_errors(lambda: prepare_main(sys.argv[2:]))
     elif command == "export":
         from pretrain.export import main as export_main
 
-        export_main(sys.argv[2:])
+        report_user_errors(lambda: export_main(sys.argv[2:]))
     else:
         from pretrain.cli import main as cli_main
 
-        cli_main()
+        report_user_errors(cli_main)
 
 
 if __name__ == "__main__":

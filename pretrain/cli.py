@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
@@ -21,6 +22,13 @@ from common.wandb_logger import AutoWandbLogger, WandbRunIdCallback, resume_wand
 from pretrain.data import PretrainDataModule
 from pretrain.samples import GenerationSamples
 from pretrain.system import CausalLMSystem
+
+
+def default_precision() -> str:
+    """bf16 autocast where the GPU has it; fp32 on CPU, where autocast made a tiny GPT ~8x slower."""
+    if torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
 
 
 def _checkpoint_dir(run_dir: str | None) -> str:
@@ -47,6 +55,12 @@ class PretrainCLI(LightningCLI):
         parser.add_lightning_class_args(GenerationSamples, "samples")
         parser.set_defaults({
             "trainer.default_root_dir": "runs/default",
+            "trainer.precision": default_precision(),
+            "trainer.gradient_clip_val": 1.0,
+            "trainer.log_every_n_steps": 10,
+            # val_check_interval counts batches across epochs (pretraining is step-based), so
+            # validation + checkpoints land on multiples of it, including max_steps.
+            "trainer.check_val_every_n_epoch": None,
             "trainer.logger": {"class_path": "common.wandb_logger.AutoWandbLogger"},
         })
 

@@ -21,24 +21,27 @@ def padded_vocab_size(n_tokens: int, multiple: int = 64) -> int:
 
 @dataclass
 class GPT2Arch:
-    """GPT-2 decoder shape. Defaults are GPT-2 small (124M); presets override a few fields."""
+    """GPT-2 decoder shape. Defaults are GPT-2 small (124M); presets override a few fields.
+
+    Args:
+        n_layer: Transformer blocks.
+        n_head: Attention heads per block; must divide n_embd.
+        n_embd: Model width d.
+        n_positions: Maximum context length (learned position embeddings).
+        dropout: Dropout on embeddings, attention and residuals (0 is usual for pretraining).
+        vocab_size: Model vocabulary; None = the tokenizer's size padded to a multiple of vocab_multiple.
+        vocab_multiple: Round the vocabulary up to this multiple (fast matmul shapes: 50,258 -> 50,304).
+        attn_implementation: HF attention backend: "sdpa" (torch scaled_dot_product_attention) or "eager".
+    """
 
     n_layer: int = 12
-    """Transformer blocks."""
     n_head: int = 12
-    """Attention heads per block; must divide n_embd."""
     n_embd: int = 768
-    """Model width d."""
     n_positions: int = 1024
-    """Maximum context length (learned position embeddings)."""
     dropout: float = 0.0
-    """Dropout on embeddings, attention and residuals (0 is usual for pretraining)."""
     vocab_size: int | None = None
-    """Model vocabulary; None = the tokenizer's size padded to a multiple of ``vocab_multiple``."""
     vocab_multiple: int = 64
-    """Round the vocabulary up to this multiple."""
     attn_implementation: str = "sdpa"
-    """HF attention backend: "sdpa" (PyTorch scaled_dot_product_attention) or "eager"."""
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:

@@ -119,9 +119,12 @@ class CausalLMSystem(LightningModule):
         if max_steps is None or max_steps < 1:
             raise ValueError("trainer.max_steps must be set (> 0): the cosine LR schedule decays over it")
         hp = self.hparams
+        warmup_steps = hp.warmup_steps
+        if self.trainer.fast_dev_run:  # a smoke run of a few steps: shrink warmup to fit
+            warmup_steps = min(warmup_steps, max_steps - 1)
         optimizer = build_adamw(self.model, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas),
                                 fused=hp.fused_adamw)
-        scheduler = build_warmup_cosine(optimizer, hp.warmup_steps, max_steps, hp.min_lr_ratio)
+        scheduler = build_warmup_cosine(optimizer, warmup_steps, max_steps, hp.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,

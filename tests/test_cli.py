@@ -1,0 +1,95 @@
+"""`python -m pretrain` end to end on tiny configs: fast_dev_run per preset, run directory contents,
+validate, and one clear error line for bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.user_errors import report_user_errors
+from pretrain.cli import main as pretrain_cli
+from tests.tiny_run import write_corpus, write_run_config
+
+REPO = Path(__file__).resolve().parent.parent
+PRESETS = REPO / "configs" / "pretrain"
+
+
+def _tiny_corpus_args(tmp_path: Path) -> list[str]:
+    corpus = write_corpus(tmp_path)
+    return ["--data.corpus.sources", f"[{{local: {corpus}}}]", "--data.corpus.tokenizer", "null",
+            "--data.corpus.bpe_vocab_size", "300", "--data.corpus.out_dir", str(tmp_path / "corpus"),
+            "--data.corpus.num_proc", "1", "--data.corpus.streaming", "false"]
+
+
+def test_fit_writes_run_directory_and_validate_reads_it(tmp_path: Path) -> None:
+    config = write_run_config(tmp_path, max_steps=4, val_every=2)
+    cli = pretrain_cli(["fit", "--config", str(config)])
+    run = tmp_path / "run"
+    assert cli.trainer.global_step == 4
+    assert (run / "config.yaml").is_file(), "resolved config must be saved in the run directory"
+    assert "n_embd: 32" in (run / "config.yaml").read_text()
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert "last.ckpt" in ckpts and any(name.startswith("step0000004-val_loss") for name in ckpts), ckpts
+    assert list((run / "wandb").glob("offline-run-*")), "W&B must log offline without an API key"
+    metrics = cli.trainer.callback_metrics
+    assert torch.isclose(metrics["val/ppl"], metrics["val/loss"].exp())
+
+    val = pretrain_cli(["validate", "--config", str(config), "--ckpt_path", "last", "--trainer.logger", "false"])
+    assert torch.isclose(val.trainer.callback_metrics["val/loss"], metrics["val/loss"], atol=1e-5)
+
+
+def test_gpt_tiny_preset_fast_dev_run_on_shipped_corpus(tmp_path: Path, data_root: Path) -> None:
+    cli = pretrain_cli(["fit", "--config", str(PRESETS / "gpt-tiny.yaml"), "--trainer.fast_dev_run", "2",
+                        "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.logger", "false",
+                        "--data.corpus.out_dir", str(tmp_path / "corpus")])
+    assert cli.trainer.global_step == 2
+    assert cli.model.model.config.vocab_size == 4096  # 4,096-token BPE, already a multiple of 64
+
+
+@pytest.mark.parametrize("preset", ["gpt2-124m.yaml", pytest.param("gpt2-350m.yaml", marks=pytest.mark.slow)])
+def test_gpt2_size_presets_fast_dev_run(preset: str, tmp_path: Path) -> None:
+    # The preset's architecture and optimiser on a tiny local corpus, fp32 (bf16 autocast is slow on CPU).
+    cli = pretrain_cli(["fit", "--config", str(PRESETS / preset), "--trainer.fast_dev_run", "1",
+                        "--trainer.precision", "32-true", "--trainer.accumulate_grad_batches", "1",
+                        "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.logger", "false",
+                        "--data.block_size", "32", "--data.batch_size", "1", *_tiny_corpus_args(tmp_path)])
+    assert cli.trainer.global_step == 1
+    assert cli.model.model.config.n_positions == 1024
+
+
+def _user_error(args: list[str], capsys: pytest.CaptureFixture) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        report_user_errors(lambda: pretrain_cli(args))
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_unknown_config_key_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = write_run_config(tmp_path)
+    err = _user_error(["fit", "--config", str(config), "--model.arch.n_layers", "3"], capsys)
+    assert "n_layers" in err
+
+
+def test_missing_corpus_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = write_run_config(tmp_path)
+    err = _user_error(["fit", "--config", str(config), "--data.corpus.sources",
+                       "[{local: /nowhere/corpus.txt}]"], capsys)
+    assert "/nowhere/corpus.txt" in err and "Traceback" not in err
+
+
+def test_tokenizer_larger_than_model_vocab_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = write_run_config(tmp_path)
+    err = _user_error(["fit", "--config", str(config), "--model.arch.vocab_size", "64"], capsys)
+    assert "vocab_size is 64" in err and "tokenizer has" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_module_entry_point_prints_one_error_line(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "pretrain", "export", str(tmp_path / "missing.ckpt"),
+                          str(tmp_path / "hf")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: Checkpoint not found") and "Traceback" not in out.stderr

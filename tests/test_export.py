@@ -1,0 +1,57 @@
+"""Export to a Hugging Face directory: reload offline, same logits, text-generation pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+from common.checkpoint_io import CheckpointError
+from pretrain.cli import main as pretrain_cli
+from pretrain.export import export_checkpoint
+from tests.tiny_run import write_run_config
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("export")
+    cli = pretrain_cli(["fit", "--config", str(write_run_config(tmp, max_steps=4, val_every=2)),
+                        "--trainer.logger", "false"])
+    return cli, tmp / "run"
+
+
+def test_export_reloads_with_identical_logits(trained_run, tmp_path: Path) -> None:
+    cli, run = trained_run
+    out = export_checkpoint(str(run), str(tmp_path / "hf"))
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= {
+        p.name for p in out.iterdir()}
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
+    ids = tokenizer(["the quick fox sees a river"], return_tensors="pt").input_ids
+    system = cli.model.eval()  # the trained LightningModule, weights of the last step
+    with torch.no_grad():
+        expected = system.model(input_ids=ids).logits
+        actual = reloaded(input_ids=ids).logits
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+    generator = pipeline("text-generation", model=str(out), device="cpu")
+    text = generator("the fox", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    assert text.startswith("the fox") and len(text) > len("the fox")
+
+
+def test_export_refuses_to_clobber_and_keeps_existing_output(trained_run, tmp_path: Path) -> None:
+    _, run = trained_run
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        export_checkpoint(str(run), str(out))
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, foreign)
+    with pytest.raises(CheckpointError, match="not an lmtrain checkpoint"):
+        export_checkpoint(str(foreign), str(out), overwrite=True)
+    assert (out / "keep.txt").read_text() == "precious"
