@@ -4,6 +4,10 @@ Every tokenizer this project hands out has a pad token that is *not* the EOS tok
 positions are masked out of the loss, so if pad == EOS the model would never be trained to emit
 EOS. GPT-2 ships without a pad token, so ``<|pad|>`` is added as a new special token (and the
 model's embedding must be sized ``len(tokenizer)``, not ``tokenizer.vocab_size``).
+
+T5-style span corruption needs sentinel tokens ``<extra_id_0>``, ``<extra_id_1>``, ...; they are
+added after loading (:func:`add_sentinel_tokens`), never at corpus preparation, so the shards never
+contain them and one prepared corpus serves both the GPT and the T5 objective.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from common.data_root import data_root, resolve_local
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
+SENTINEL_TEMPLATE = "<extra_id_{}>"
 
 # Keys of the backend JSON that are runtime state, not identity: transformers sets padding /
 # truncation on the backend as a side effect of calls like ``tok(x, padding=True)``.
@@ -35,6 +40,35 @@ def ensure_pad_token(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     if tok.pad_token is None or (tok.eos_token is not None and tok.pad_token == tok.eos_token):
         tok.add_special_tokens({"pad_token": PAD_TOKEN})
     return tok
+
+
+def add_sentinel_tokens(tok: PreTrainedTokenizerBase, n: int = 100) -> list[int]:
+    """Ensure ``<extra_id_0>`` ... ``<extra_id_{n-1}>`` are special tokens of ``tok`` (in place).
+
+    Missing ones are appended as extra special tokens (existing extra specials are kept), so they are
+    never split when encoding text and decode to their literal strings. Idempotent: a tokenizer that
+    already has them (e.g. T5's) gains nothing. ``len(tok)`` grows by the number added; size the
+    model's embedding from it.
+
+    Args:
+        tok: the tokenizer to extend.
+        n: number of sentinels (span corruption uses one per noise span, in order).
+
+    Returns:
+        ``ids`` with ``ids[k]`` = id of ``<extra_id_k>``.
+    """
+    if n < 0:
+        raise ValueError(f"add_sentinel_tokens: n must be >= 0, got {n}")
+    names = [SENTINEL_TEMPLATE.format(k) for k in range(n)]
+    have = {str(t) for t in tok.extra_special_tokens}
+    missing = [name for name in names if name not in have]
+    if missing:
+        # transformers 5: "extra_special_tokens" (was "additional_special_tokens"); extend, do not replace.
+        tok.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+    ids = tok.convert_tokens_to_ids(names)
+    if any(i is None or i == tok.unk_token_id for i in ids):
+        raise ValueError(f"add_sentinel_tokens: could not add sentinel tokens to {type(tok).__name__}")
+    return [int(i) for i in ids]
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:

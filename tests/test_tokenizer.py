@@ -8,6 +8,8 @@ from transformers import AutoTokenizer
 from common.tokenizer import (
     EOS_TOKEN,
     PAD_TOKEN,
+    SENTINEL_TEMPLATE,
+    add_sentinel_tokens,
     load_tokenizer,
     tokenizer_fingerprint,
     tokenizer_from_files,
@@ -73,3 +75,22 @@ def test_files_round_trip_preserves_fingerprint(bpe):
     back = tokenizer_from_files(files)
     assert tokenizer_fingerprint(back) == tokenizer_fingerprint(tok)
     assert back.decode(back(SAMPLE)["input_ids"]) == SAMPLE
+
+
+def test_sentinels_added_in_order_idempotent_and_survive_files(bpe):
+    tok = tokenizer_from_files(tokenizer_to_files(bpe[0]))  # a private copy: the fixture is module-scoped
+    tok.add_special_tokens({"extra_special_tokens": ["<keep>"]})  # an existing extra special stays
+    before = len(tok)
+    ids = add_sentinel_tokens(tok, 5)
+    assert ids == list(range(before, before + 5)) and len(tok) == before + 5
+    assert [tok.decode([i]) for i in ids] == [SENTINEL_TEMPLATE.format(k) for k in range(5)]
+    assert "<keep>" in tok.extra_special_tokens
+    # Never split when they appear in text; skipped as special tokens.
+    assert tok("a<extra_id_3>b", add_special_tokens=False)["input_ids"][1:-1] == [ids[3]]
+    assert tok.decode(ids, skip_special_tokens=True) == ""
+    assert add_sentinel_tokens(tok, 5) == ids and len(tok) == before + 5  # idempotent
+    assert add_sentinel_tokens(tok, 7)[:5] == ids and len(tok) == before + 7  # extends, keeps ids
+    back = tokenizer_from_files(tokenizer_to_files(tok))
+    assert len(back) == len(tok) and tokenizer_fingerprint(back) == tokenizer_fingerprint(tok)
+    assert add_sentinel_tokens(back, 7) == add_sentinel_tokens(tok, 7) and len(back) == before + 7
+    assert back.decode([ids[4]]) == "<extra_id_4>"
