@@ -14,16 +14,26 @@ from pretrain.prepare import main as prepare_main
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def datamodule(tiny_corpus_files, tmp_path):
+def _datamodule(tiny_corpus_files, tmp_path, **kwargs) -> PretrainDataModule:
     sources = [CorpusSource(local=[str(tiny_corpus_files["txt"]), str(tiny_corpus_files["txt2"])]),
                CorpusSource(local=str(tiny_corpus_files["jsonl"]))]
     corpus = CorpusConfig(sources=sources, out_dir=str(tmp_path / "corpus"), bpe_vocab_size=300,
                           val_fraction=0.3, holdout_block=2, num_proc=1)
-    dm = PretrainDataModule(corpus, block_size=8, batch_size=4, seed=5)
+    dm = PretrainDataModule(corpus, **{"block_size": 8, "batch_size": 4, "seed": 5, **kwargs})
     dm.prepare_data()
     dm.setup("fit")
     return dm
+
+
+@pytest.fixture
+def datamodule(tiny_corpus_files, tmp_path):
+    return _datamodule(tiny_corpus_files, tmp_path)
+
+
+@pytest.fixture
+def span_datamodule(tiny_corpus_files, tmp_path):
+    return _datamodule(tiny_corpus_files, tmp_path, objective="span_corruption", block_size=32, batch_size=2,
+                       noise_density=0.3, mean_noise_span_length=2.0, num_sentinels=20)
 
 
 def test_dataloaders_yield_shifted_blocks(datamodule):
@@ -126,6 +136,19 @@ def test_lightning_mid_epoch_resume_is_exact(datamodule, tmp_path):
     full = _fit(dm, tmp_path / "a", max_steps)
     before = _fit(dm, tmp_path / "b", max_steps, crash_at=crash_at)
     # The crash hits before that step's checkpoint: last.ckpt holds crash_at - 1 finished batches.
+    after = _fit(dm, tmp_path / "b", max_steps, ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+    assert len(full) == max_steps
+    assert before[: crash_at - 1] + after == full
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_span_corruption_mid_epoch_resume_is_exact(span_datamodule, tmp_path):
+    dm = span_datamodule
+    per_epoch = len(dm.train_dataloader())
+    max_steps, crash_at = per_epoch + 3, per_epoch + 2
+    assert per_epoch >= 3
+    full = _fit(dm, tmp_path / "a", max_steps)
+    before = _fit(dm, tmp_path / "b", max_steps, crash_at=crash_at)
     after = _fit(dm, tmp_path / "b", max_steps, ckpt_path=str(tmp_path / "b" / "last.ckpt"))
     assert len(full) == max_steps
     assert before[: crash_at - 1] + after == full

@@ -192,3 +192,57 @@ def test_dataset_errors(stream):
         SpanCorruptionBlocks(val, 300, SENTINELS, EOS)
     with pytest.raises(ValueError, match=r"7 noise spans .* 6 sentinels.*data.num_sentinels to >= 7"):
         SpanCorruptionBlocks(val, 128, SENTINELS[:6], EOS)
+
+
+def test_data_module_span_corruption(tiny_corpus_files, tmp_path):
+    from tests.test_data_module import _datamodule
+
+    gpt = _datamodule(tiny_corpus_files, tmp_path)
+    dm = _datamodule(tiny_corpus_files, tmp_path, objective="span_corruption", block_size=32, batch_size=2,
+                     noise_density=0.3, mean_noise_span_length=2.0, num_sentinels=20)
+    assert gpt.sentinel_ids == [] and gpt.inputs_length is None
+    corpus_vocab = dm.manifest["tokenizer"]["vocab_size"]
+    assert len(gpt.tokenizer) == corpus_vocab == 300
+    assert dm.vocab_size == len(dm.tokenizer) == corpus_vocab + 20
+    assert dm.sentinel_ids == list(range(corpus_vocab, corpus_vocab + 20))
+    assert (dm.tokens_length, dm.targets_length) == compute_input_and_target_lengths(32, 0.3, 2.0)
+    assert dm.inputs_length == 32
+    eos = dm.tokenizer.eos_token_id
+    train = dm.train_dataloader()
+    n_train = dm.manifest["splits"]["train"]["tokens"]
+    batches = list(train)
+    assert len(batches) == len(train) == n_train // (dm.tokens_length * 2)
+    for batch in batches + list(dm.val_dataloader()):
+        assert batch["input_ids"].shape[1:] == (32,) and batch["labels"].shape[1:] == (dm.targets_length,)
+        for inputs, labels in zip(batch["input_ids"].numpy(), batch["labels"].numpy()):
+            assert inputs[-1] == labels[-1] == eos
+            ins = [t - corpus_vocab for t in inputs if t >= corpus_vocab]
+            assert ins == [t - corpus_vocab for t in labels if t >= corpus_vocab] == list(range(len(ins)))
+            assert len(ins) >= 1 and labels[0] == dm.sentinel_ids[0]
+    assert batches[0]["input_ids"].shape[0] == 2
+    assert torch.equal(next(iter(dm.train_dataloader()))["labels"], batches[0]["labels"])  # pure in (seed, epoch, i)
+    # Loader state carries the objective and noise settings; resuming with others is refused.
+    state = train.state_dict()
+    assert state["objective"] == "span_corruption" and state["noise_density"] == 0.3
+    with pytest.raises(ValueError, match="noise_density: checkpoint 0.15, now 0.3"):
+        train.load_state_dict({**state, "noise_density": 0.15})
+    with pytest.raises(ValueError, match="objective: checkpoint 'causal_lm', now 'span_corruption'"):
+        train.load_state_dict(gpt.train_dataloader().state_dict())
+    legacy = {k: v for k, v in gpt.train_dataloader().state_dict().items() if k != "objective"}
+    with pytest.raises(ValueError, match="objective"):  # a checkpoint from before the objective key is causal
+        train.load_state_dict(legacy)
+    gpt.train_dataloader().load_state_dict(legacy)
+
+
+def test_data_module_bad_span_settings_fail_at_construction(tmp_path):
+    from pretrain.corpus import CorpusConfig, CorpusSource
+    from pretrain.data import PretrainDataModule
+
+    corpus = CorpusConfig(sources=[CorpusSource(local="x.txt")], out_dir=str(tmp_path / "none"))
+    with pytest.raises(ValueError, match="data.block_size=2 .*cannot hold one noise span"):
+        PretrainDataModule(corpus, block_size=2, objective="span_corruption")
+    with pytest.raises(ValueError, match="data.noise_density"):
+        PretrainDataModule(corpus, objective="span_corruption", noise_density=1.5)
+    with pytest.raises(ValueError, match="data.objective"):
+        PretrainDataModule(corpus, objective="mlm")
+    PretrainDataModule(corpus, block_size=2)  # causal_lm ignores the noise settings
