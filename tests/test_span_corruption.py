@@ -104,7 +104,8 @@ def test_corrupt_example_and_merge_round_trip():
     assert inputs.dtype == labels.dtype == np.int64
     # Edge masks: a leading span, and no noise at all.
     inputs, labels = corrupt(tokens[:3], np.array([1, 0, 1], dtype=bool), SENTINELS, EOS)
-    assert inputs.tolist() == [SENTINELS[0], 12, SENTINELS[1], EOS] and np.array_equal(merge(inputs, labels), tokens[:3])
+    assert inputs.tolist() == [SENTINELS[0], 12, SENTINELS[1], EOS]
+    assert np.array_equal(merge(inputs, labels), tokens[:3])
     inputs, labels = corrupt(tokens, np.zeros(9, dtype=bool), SENTINELS, EOS)
     assert inputs.tolist() == [*tokens, EOS] and labels.tolist() == [EOS]
     with pytest.raises(ValueError, match="needs 2 sentinel tokens but only 1.*data.num_sentinels"):
