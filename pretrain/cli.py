@@ -1,6 +1,7 @@
 """`python -m pretrain fit|validate --config configs/pretrain/<preset>.yaml` (LightningCLI).
 
-Everything a run needs is in its YAML: `model` (CausalLMSystem), `data` (PretrainDataModule),
+Everything a run needs is in its YAML: `model` (`class_path: CausalLMSystem` for GPT-2,
+`SpanCorruptionSystem` for T5), `data` (PretrainDataModule),
 `trainer`, plus the callback groups `checkpoint`, `speed` and `samples`. A run lives in
 `trainer.default_root_dir`: its resolved `config.yaml`, `checkpoints/` (last + best-k by val loss)
 and `wandb/`. `fit --ckpt_path last` resumes it exactly and continues the same W&B run.
@@ -21,7 +22,7 @@ from common.throughput import SpeedMonitor
 from common.wandb_logger import AutoWandbLogger, WandbRunIdCallback, resume_wandb_run
 from pretrain.data import PretrainDataModule
 from pretrain.samples import GenerationSamples
-from pretrain.system import CausalLMSystem
+from pretrain.system import PretrainSystem
 
 
 def default_precision() -> str:
@@ -63,6 +64,12 @@ class PretrainCLI(LightningCLI):
             "trainer.check_val_every_n_epoch": None,
             "trainer.logger": {"class_path": "common.wandb_logger.AutoWandbLogger"},
         })
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI would torch.load the whole checkpoint (no mmap) just to overwrite the model
+        # config with its hyper-parameters. The run's YAML is the source of truth here; the system
+        # checks on load that the checkpoint holds the same model family and tokenizer.
+        return
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -107,8 +114,9 @@ def _is_plain_torch_io(io: CheckpointIO | None) -> bool:
 
 def main(args: list[str] | None = None) -> PretrainCLI:
     return PretrainCLI(
-        CausalLMSystem,
+        PretrainSystem,  # the family is chosen by `model.class_path`: CausalLMSystem or SpanCorruptionSystem
         PretrainDataModule,
+        subclass_mode_model=True,
         seed_everything_default=1234,
         save_config_kwargs={"overwrite": True},  # a resumed run rewrites the same config.yaml
         auto_configure_optimizers=False,  # the system builds AdamW + schedule itself

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
 
 
 def padded_vocab_size(n_tokens: int, multiple: int = 64) -> int:
@@ -93,3 +93,70 @@ def count_params(model: torch.nn.Module, exclude_position_embeddings: bool = Tru
     if exclude_position_embeddings and hasattr(model, "transformer") and hasattr(model.transformer, "wpe"):
         n -= model.transformer.wpe.weight.numel()
     return n
+
+
+@dataclass
+class T5Arch:
+    """T5 v1.1-style encoder-decoder shape (gated-GELU feed-forward, no dropout by default).
+
+    transformers 5.24 ties the LM head to the shared embedding for the whole T5 family (its
+    T5Config forces ``tie_word_embeddings=True``, and an untied config does not survive
+    ``from_pretrained``: the reloaded model rescales the decoder output). We therefore keep the
+    tied head with T5's d_model**-0.5 output scaling, which round-trips exactly.
+
+    Args:
+        d_model: Model width.
+        d_ff: Feed-forward inner width (gated: two input projections of this size).
+        d_kv: Width of each attention head (T5 decouples it from d_model / num_heads).
+        num_heads: Attention heads.
+        num_layers: Encoder blocks.
+        num_decoder_layers: Decoder blocks (None = num_layers).
+        relative_attention_num_buckets: Relative-position buckets.
+        relative_attention_max_distance: Longest distance with its own bucket range.
+        dropout: Dropout rate (0 is usual for pretraining).
+        vocab_size: Model vocabulary; None = the tokenizer's size (sentinels included) padded to vocab_multiple.
+        vocab_multiple: Round the vocabulary up to this multiple.
+    """
+
+    d_model: int = 512
+    d_ff: int = 1024
+    d_kv: int = 64
+    num_heads: int = 6
+    num_layers: int = 8
+    num_decoder_layers: int | None = None
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    dropout: float = 0.0
+    vocab_size: int | None = None
+    vocab_multiple: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "d_ff", "d_kv", "num_heads", "num_layers", "vocab_multiple"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.arch.{name} must be >= 1, got {getattr(self, name)}")
+
+    resolve_vocab = GPT2Arch.resolve_vocab
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_t5(arch: T5Arch, tokenizer_size: int, eos_id: int, pad_id: int) -> T5ForConditionalGeneration:
+    """A randomly initialised T5ForConditionalGeneration; the decoder starts from the pad token, as in T5."""
+    config = T5Config(
+        vocab_size=arch.resolve_vocab(tokenizer_size),
+        d_model=arch.d_model,
+        d_ff=arch.d_ff,
+        d_kv=arch.d_kv,
+        num_heads=arch.num_heads,
+        num_layers=arch.num_layers,
+        num_decoder_layers=arch.num_decoder_layers,
+        relative_attention_num_buckets=arch.relative_attention_num_buckets,
+        relative_attention_max_distance=arch.relative_attention_max_distance,
+        dropout_rate=arch.dropout,
+        feed_forward_proj="gated-gelu",
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        decoder_start_token_id=pad_id,
+    )
+    return T5ForConditionalGeneration(config)

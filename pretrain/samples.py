@@ -22,7 +22,8 @@ DEFAULT_PROMPTS: tuple[str, ...] = ("The", "In the beginning", "First Citizen:")
 class GenerationSamples(pl.Callback):
     """Every ``every_n_steps`` optimizer steps (checked at validation end) and once at the end of
     training, sample one continuation per prompt from ``pl_module.model.generate`` (an HF causal
-    LM) with ``pl_module.tokenizer``.
+    LM) with ``pl_module.tokenizer``. For an encoder-decoder (T5) it shows span reconstructions of
+    the first ``len(prompts)`` validation examples instead: input, target and greedy prediction.
 
     Rank 0 only, never during the sanity check. Rows ``{"step", "prompt", "completion"}`` go to
     every ``WandbLogger`` as the table ``samples`` (``log_text``); without one they are written
@@ -90,17 +91,46 @@ class GenerationSamples(pl.Callback):
         self._last_step = trainer.global_step  # on every rank, so the checkpointed state agrees
         if not trainer.is_global_zero:
             return
-        rows = [{"step": trainer.global_step, "prompt": p, "completion": c}
-                for p, c in zip(self.prompts, self.generate(pl_module.model, pl_module.tokenizer))]
+        if getattr(pl_module.model.config, "is_encoder_decoder", False):
+            examples = trainer.datamodule.val_dataloader().dataset
+            rows = self.reconstruct_spans(pl_module.model, pl_module.tokenizer, examples)
+        else:
+            rows = [{"prompt": p, "completion": c}
+                    for p, c in zip(self.prompts, self.generate(pl_module.model, pl_module.tokenizer))]
+        rows = [{"step": trainer.global_step, **row} for row in rows]
         self.last_samples = rows
+        columns = list(rows[0])
         wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
         for logger in wandb_loggers:
-            data = [[str(r["step"]), r["prompt"], r["completion"]] for r in rows]
-            logger.log_text(key="samples", columns=["step", "prompt", "completion"], data=data,
+            logger.log_text(key="samples", columns=columns, data=[[str(r[c]) for c in columns] for r in rows],
                             step=trainer.global_step)
         if not wandb_loggers:
             for r in rows:
-                rank_zero_info(f"[sample step {r['step']}] {r['prompt']!r} -> {r['completion']!r}")
+                rank_zero_info(f"[sample step {r['step']}] " + " | ".join(f"{c}: {r[c]!r}" for c in columns[1:]))
+
+    @torch.no_grad()
+    def reconstruct_spans(self, model: torch.nn.Module, tokenizer: Any, examples: Any) -> list[dict[str, str]]:
+        """Span-corruption samples for an encoder-decoder: the first ``len(prompts)`` validation
+        examples (fixed, so runs compare), their target spans and the model's greedy prediction,
+        decoded with sentinels visible (``<extra_id_0> lobster <extra_id_1> ...``)."""
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        rows = []
+        try:
+            with torch.compiler.set_stance("force_eager"):
+                for i in range(min(len(self.prompts), len(examples))):
+                    example = examples[i]
+                    input_ids = example["input_ids"].unsqueeze(0).to(device)  # (1, T_in)
+                    out = model.generate(input_ids=input_ids, do_sample=False,
+                                         max_new_tokens=min(self.max_new_tokens, example["labels"].numel()))
+                    # (1, 1 + new): drop the decoder start token (pad), keep sentinels visible
+                    rows.append({"input": tokenizer.decode(example["input_ids"]),
+                                 "target": tokenizer.decode(example["labels"]),
+                                 "prediction": tokenizer.decode(out[0, 1:], skip_special_tokens=False)})
+        finally:
+            model.train(was_training)
+        return rows
 
     @torch.no_grad()
     def generate(self, model: torch.nn.Module, tokenizer: Any) -> list[str]:

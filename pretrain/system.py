@@ -1,9 +1,11 @@
-"""The Lightning system for causal-LM pretraining (the model itself is `transformers`' GPT-2).
+"""The Lightning systems for pretraining; the models themselves are `transformers`' GPT-2 and T5.
 
-Owns what a training run adds around the model: the loss over packed blocks, AdamW with decay
-only on matmul weights, warmup + cosine LR, clipping with the gradient norm logged, perplexity,
-and what a checkpoint must carry to resume exactly and export on its own (HF config, tokenizer
-files, RNG state).
+`PretrainSystem` owns what a training run adds around any model: AdamW with decay only on
+matmul weights, warmup + cosine LR, clipping with the gradient norm logged, token-weighted
+validation loss and perplexity, and what a checkpoint must carry to resume exactly and export on
+its own (HF config, tokenizer files, RNG state). A family subclass adds only its model, its loss
+and its FLOPs: `CausalLMSystem` (GPT-2, next-token loss on packed blocks) and
+`SpanCorruptionSystem` (T5, span-corruption loss over target tokens).
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from torchmetrics import MeanMetric
 
 from common.checkpoint_io import CHECKPOINT_FORMAT, CHECKPOINT_KEY, CheckpointError, check_lmtrain_checkpoint
 from common.optim import build_adamw, build_warmup_cosine
-from common.throughput import decoder_flops_per_token
+from common.throughput import decoder_flops_per_token, seq2seq_flops_per_example, seq2seq_n_params
 from common.tokenizer import tokenizer_fingerprint, tokenizer_to_files
-from pretrain.model import GPT2Arch, build_gpt2, count_params
+from pretrain.model import GPT2Arch, T5Arch, build_gpt2, build_t5, count_params
 
 
-class CausalLMSystem(LightningModule):
-    """GPT-2-style decoder pretraining on packed token blocks.
+class PretrainSystem(LightningModule):
+    """What GPT and T5 pretraining share; subclasses set ``family``/``objective`` and implement
+    ``build_model``, ``compute_loss`` and ``flops_per_batch``.
 
     Args:
         arch: Model shape (presets in configs/pretrain/ override a few fields).
@@ -38,11 +41,13 @@ class CausalLMSystem(LightningModule):
         compile: `torch.compile` the model (costs ~1 min up front, ~15% faster steps).
     """
 
-    family = "gpt2"
+    family: str = ""  # checkpoint metadata: which model family this system trains
+    objective: str = ""  # the PretrainDataModule objective it consumes
+    arch_class: type = GPT2Arch
 
     def __init__(
         self,
-        arch: GPT2Arch = GPT2Arch(),
+        arch: Any = None,
         lr: float = 6e-4,
         min_lr_ratio: float = 0.1,
         warmup_steps: int = 100,
@@ -52,8 +57,10 @@ class CausalLMSystem(LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        if isinstance(arch, dict):  # from a checkpoint's hyper_parameters
-            arch = GPT2Arch(**arch)
+        if arch is None:
+            arch = self.arch_class()
+        elif isinstance(arch, dict):  # from a checkpoint's hyper_parameters
+            arch = self.arch_class(**arch)
         self.arch = arch
         # Primitives only, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters({"arch": arch.to_dict(), "lr": lr, "min_lr_ratio": min_lr_ratio,
@@ -72,14 +79,13 @@ class CausalLMSystem(LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         tokenizer = getattr(datamodule, "tokenizer", None)
         if tokenizer is None:
-            raise RuntimeError("CausalLMSystem needs a data module with a `tokenizer` (e.g. PretrainDataModule)")
+            raise RuntimeError(f"{type(self).__name__} needs a data module with a `tokenizer` (PretrainDataModule)")
+        objective = getattr(datamodule, "objective", "causal_lm")
+        if objective != self.objective:
+            raise ValueError(f"{type(self).__name__} ({self.family}) trains on data.objective={self.objective!r}, "
+                             f"but the data module is configured with {objective!r}")
         self.attach_tokenizer(tokenizer)
-        block_size = getattr(datamodule, "block_size", None)
-        if block_size is not None and block_size > self.arch.n_positions:
-            raise ValueError(
-                f"data.block_size={block_size} exceeds model.arch.n_positions={self.arch.n_positions}"
-            )
-        self.model = build_gpt2(self.arch, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+        self.model = self.build_model(tokenizer, datamodule)
         if self.hparams.compile:
             self.model.compile()  # in place: state_dict keys stay free of `_orig_mod.`
 
@@ -87,25 +93,24 @@ class CausalLMSystem(LightningModule):
         self.tokenizer = tokenizer
         self._tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token, 6N + 12·L·d·T (used by SpeedMonitor for MFU)."""
-        return decoder_flops_per_token(count_params(self.model), self.arch.n_layer, self.arch.n_embd, seq_len)
+    def build_model(self, tokenizer: Any, datamodule: Any) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """(mean loss over the batch's target tokens, number of target tokens)."""
+        raise NotImplementedError
 
     # ---- steps ----------------------------------------------------------------------------
-    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = self.model(input_ids=batch["input_ids"]).logits  # (B, T, V)
-        return F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten())  # mean over B*T tokens
-
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
+        loss, _ = self.compute_loss(batch)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ppl", loss.detach().exp())
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss = self._loss(batch)
-        self.val_loss.update(loss, weight=batch["targets"].numel())  # token-weighted, synced across ranks
+        loss, n_tokens = self.compute_loss(batch)
+        self.val_loss.update(loss, weight=n_tokens)  # token-weighted, synced across ranks
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
@@ -171,3 +176,73 @@ class CausalLMSystem(LightningModule):
             if "cuda" in self._rng_to_restore and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(self._rng_to_restore["cuda"])
             self._rng_to_restore = None
+
+
+class CausalLMSystem(PretrainSystem):
+    """GPT-2-style decoder pretraining: next-token loss on packed blocks (``data.objective: causal_lm``)."""
+
+    family = "gpt2"
+    objective = "causal_lm"
+    arch_class = GPT2Arch
+
+    def __init__(self, arch: GPT2Arch | None = None, **optim: Any) -> None:
+        """GPT-2 pretraining.
+
+        Args:
+            arch: GPT-2 shape (None: the defaults, GPT-2 small, 124M).
+            optim: optimisation settings, see PretrainSystem.
+        """
+        super().__init__(arch, **optim)
+
+    def build_model(self, tokenizer: Any, datamodule: Any) -> torch.nn.Module:
+        block_size = getattr(datamodule, "block_size", None)
+        if block_size is not None and block_size > self.arch.n_positions:
+            raise ValueError(f"data.block_size={block_size} exceeds model.arch.n_positions={self.arch.n_positions}")
+        return build_gpt2(self.arch, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token, 6N + 12·L·d·T (used by SpeedMonitor for MFU)."""
+        return decoder_flops_per_token(count_params(self.model), self.arch.n_layer, self.arch.n_embd, seq_len)
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        logits = self.model(input_ids=batch["input_ids"]).logits  # (B, T, V)
+        targets = batch["targets"]  # (B, T): input_ids shifted left by one
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten()), targets.numel()
+
+
+class SpanCorruptionSystem(PretrainSystem):
+    """T5-style encoder-decoder pretraining with span corruption (``data.objective: span_corruption``).
+
+    The encoder reads the corrupted block (sentinels in place of the noise spans), the decoder
+    predicts the dropped spans; loss and perplexity are over those target tokens.
+    """
+
+    family = "t5"
+    objective = "span_corruption"
+    arch_class = T5Arch
+
+    def __init__(self, arch: T5Arch | None = None, **optim: Any) -> None:
+        """T5 span-corruption pretraining.
+
+        Args:
+            arch: T5 shape (None: the defaults, T5 v1.1-small-like, ~60M with a 32k vocabulary).
+            optim: optimisation settings, see PretrainSystem.
+        """
+        super().__init__(arch, **optim)
+
+    def build_model(self, tokenizer: Any, datamodule: Any) -> torch.nn.Module:
+        return build_t5(self.arch, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+    def flops_per_batch(self, batch: dict[str, torch.Tensor]) -> float:
+        """Training FLOPs of one micro-batch (encoder over inputs, decoder over targets)."""
+        (batch_size, in_len), out_len = batch["input_ids"].shape, batch["labels"].shape[-1]
+        n_enc, n_dec = seq2seq_n_params(self.model)
+        n_dec_layers = self.arch.num_decoder_layers or self.arch.num_layers
+        return batch_size * seq2seq_flops_per_example(n_enc, n_dec, self.arch.num_layers, n_dec_layers,
+                                                      self.arch.d_model, in_len, out_len)
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        # No padding anywhere (lengths are computed so blocks fit exactly): HF's mean over labels
+        # is the mean over target tokens. decoder_input_ids = labels shifted right after pad.
+        labels = batch["labels"]  # (B, T_out)
+        return self.model(input_ids=batch["input_ids"], labels=labels).loss, labels.numel()

@@ -50,15 +50,28 @@ def test_gpt_tiny_preset_fast_dev_run_on_shipped_corpus(tmp_path: Path, data_roo
     assert cli.model.model.config.vocab_size == 4096  # 4,096-token BPE, already a multiple of 64
 
 
-@pytest.mark.parametrize("preset", ["gpt2-124m.yaml", pytest.param("gpt2-350m.yaml", marks=pytest.mark.slow)])
-def test_gpt2_size_presets_fast_dev_run(preset: str, tmp_path: Path) -> None:
+def test_t5_tiny_preset_fast_dev_run_on_shipped_corpus(tmp_path: Path, data_root: Path) -> None:
+    cli = pretrain_cli(["fit", "--config", str(PRESETS / "t5-tiny.yaml"), "--trainer.fast_dev_run", "2",
+                        "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.logger", "false",
+                        "--data.corpus.out_dir", str(tmp_path / "corpus")])
+    assert cli.trainer.global_step == 2
+    # 4,096 BPE tokens + <|pad|> is the corpus tokenizer; 100 sentinels are added for T5, padded to 64.
+    assert len(cli.datamodule.tokenizer) == 4096 + 100
+    assert cli.model.model.config.vocab_size == 4224
+
+
+@pytest.mark.parametrize("preset", ["gpt2-124m.yaml", "t5-small.yaml",
+                                    pytest.param("gpt2-350m.yaml", marks=pytest.mark.slow),
+                                    pytest.param("t5-base.yaml", marks=pytest.mark.slow)])
+def test_size_presets_fast_dev_run(preset: str, tmp_path: Path) -> None:
     # The preset's architecture and optimiser on a tiny local corpus, fp32 (bf16 autocast is slow on CPU).
     cli = pretrain_cli(["fit", "--config", str(PRESETS / preset), "--trainer.fast_dev_run", "1",
                         "--trainer.precision", "32-true", "--trainer.accumulate_grad_batches", "1",
                         "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.logger", "false",
                         "--data.block_size", "32", "--data.batch_size", "1", *_tiny_corpus_args(tmp_path)])
     assert cli.trainer.global_step == 1
-    assert cli.model.model.config.n_positions == 1024
+    config = cli.model.model.config
+    assert (config.n_positions == 1024) if preset.startswith("gpt2") else (config.d_model >= 512)
 
 
 def _user_error(args: list[str], capsys: pytest.CaptureFixture) -> str:
@@ -93,3 +106,31 @@ def test_module_entry_point_prints_one_error_line(tmp_path: Path) -> None:
                           str(tmp_path / "hf")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert out.stderr.startswith("error: Checkpoint not found") and "Traceback" not in out.stderr
+
+
+def test_checkpoint_of_the_other_family_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    gpt = write_run_config(tmp_path / "gpt", max_steps=4, val_every=4)
+    pretrain_cli(["fit", "--config", str(gpt), "--trainer.logger", "false"])
+    t5 = write_run_config(tmp_path / "t5", max_steps=4, val_every=2, family="t5")
+    err = _user_error(["fit", "--config", str(t5), "--trainer.logger", "false",
+                       "--ckpt_path", str(tmp_path / "gpt" / "run" / "checkpoints" / "last.ckpt")], capsys)
+    assert "'gpt2' model but this run trains a 't5' model" in err
+
+
+def test_objective_must_match_the_model_family(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = write_run_config(tmp_path, family="t5")
+    err = _user_error(["fit", "--config", str(config), "--data.objective", "causal_lm"], capsys)
+    assert "span_corruption" in err and "causal_lm" in err
+
+
+def test_block_too_short_for_a_noise_span_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = write_run_config(tmp_path, family="t5")
+    err = _user_error(["fit", "--config", str(config), "--data.block_size", "2"], capsys)
+    assert "data.block_size" in err
+
+
+def test_no_room_for_sentinels_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # 300-token BPE (+ pad) fits a 320-row model, but not with 100 sentinels added.
+    config = write_run_config(tmp_path, family="t5")
+    err = _user_error(["fit", "--config", str(config), "--model.init_args.arch.vocab_size", "320"], capsys)
+    assert "vocab_size is 320" in err

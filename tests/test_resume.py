@@ -1,5 +1,6 @@
-"""Exact resume: a run SIGKILLed mid-step and resumed with `--ckpt_path last` ends bitwise equal to
-an uninterrupted run (CPU, fp32, dropout on so the RNG restore matters), and continues its W&B run."""
+"""Exact resume, for GPT and T5: a run SIGKILLed mid-step and resumed with `--ckpt_path last` ends
+bitwise equal to an uninterrupted run (CPU, fp32, dropout on so the RNG restore matters), and
+continues its W&B run."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.tiny_run import write_run_config
@@ -30,8 +32,9 @@ def _wandb_run_ids(run_dir: Path) -> set[str]:
     return {p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")}
 
 
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
-    config = write_run_config(tmp_path, max_steps=8, val_every=4)
+@pytest.mark.parametrize("family", ["gpt2", "t5"])
+def test_sigkill_then_resume_matches_uninterrupted_run(family: str, tmp_path: Path) -> None:
+    config = write_run_config(tmp_path, max_steps=8, val_every=4, family=family)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
 
     done = _fit("--config", str(config), "--trainer.default_root_dir", str(straight))

@@ -23,17 +23,37 @@ def write_corpus(directory: Path, n_lines: int = 400, seed: int = 0) -> Path:
     return path
 
 
-def write_run_config(tmp_path: Path, max_steps: int = 8, val_every: int = 4, **trainer: object) -> Path:
-    """A complete fit config for a tiny GPT on a synthetic corpus; returns its path."""
+_MODELS = {
+    "gpt2": """\
+model:
+  class_path: CausalLMSystem
+  init_args:
+    arch: {n_layer: 2, n_head: 2, n_embd: 32, n_positions: 64, dropout: 0.1}
+    lr: 1.0e-2
+    warmup_steps: 2
+""",
+    "t5": """\
+model:
+  class_path: SpanCorruptionSystem
+  init_args:
+    arch: {d_model: 32, d_ff: 64, d_kv: 16, num_heads: 2, num_layers: 2, dropout: 0.1}
+    lr: 1.0e-2
+    warmup_steps: 2
+""",
+}
+
+
+def write_run_config(tmp_path: Path, max_steps: int = 8, val_every: int = 4, family: str = "gpt2",
+                     **trainer: object) -> Path:
+    """A complete fit config for a tiny GPT (or T5) on a synthetic corpus; returns its path."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     corpus = write_corpus(tmp_path)
     extra = "".join(f"  {k}: {v}\n" for k, v in trainer.items())
-    config = tmp_path / "tiny.yaml"
-    config.write_text(f"""\
-model:
-  arch: {{n_layer: 2, n_head: 2, n_embd: 32, n_positions: 64, dropout: 0.1}}
-  lr: 1.0e-2
-  warmup_steps: 2
+    objective = "span_corruption" if family == "t5" else "causal_lm"
+    config = tmp_path / f"tiny-{family}.yaml"
+    config.write_text(_MODELS[family] + f"""\
 data:
+  objective: {objective}
   corpus:
     sources: [{{local: {corpus}}}]
     out_dir: {tmp_path / 'corpus'}
