@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from common.checkpoint_io import AtomicCheckpointIO, load_checkpoint_file
 from common.throughput import SpeedMonitor
@@ -83,7 +83,7 @@ class PretrainCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         strategy = trainer.strategy
         # Atomic writes unless a strategy brings its own checkpoint format (DeepSpeed).
-        if type(strategy.checkpoint_io) is not AtomicCheckpointIO and _is_plain_torch_io(strategy.checkpoint_io):
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = AtomicCheckpointIO()
         trainer.callbacks.append(WandbRunIdCallback())
         return trainer
@@ -104,12 +104,6 @@ class PretrainCLI(LightningCLI):
             last = Path(self.trainer.checkpoint_callback.dirpath) / "last.ckpt"
             return last if last.is_file() else None
         return Path(ckpt_path)
-
-
-def _is_plain_torch_io(io: CheckpointIO | None) -> bool:
-    from lightning.pytorch.plugins.io import TorchCheckpointIO
-
-    return io is None or type(io) is TorchCheckpointIO
 
 
 def main(args: list[str] | None = None) -> PretrainCLI:

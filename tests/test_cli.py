@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.checkpoint_io import AtomicCheckpointIO
 from common.user_errors import report_user_errors
 from pretrain.cli import main as pretrain_cli
 from tests.tiny_run import write_corpus, write_run_config
@@ -30,6 +31,7 @@ def test_fit_writes_run_directory_and_validate_reads_it(tmp_path: Path) -> None:
     cli = pretrain_cli(["fit", "--config", str(config)])
     run = tmp_path / "run"
     assert cli.trainer.global_step == 4
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     assert (run / "config.yaml").is_file(), "resolved config must be saved in the run directory"
     assert "n_embd: 32" in (run / "config.yaml").read_text()
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
