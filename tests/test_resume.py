@@ -19,6 +19,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _fit(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
+    # An earlier in-process test's wandb run exports WANDB_SERVICE; a child would then share that
+    # service, which keeps the SIGKILLed child's run open ("run ID ... is in use"). A preempted
+    # job's service dies with it, so each child gets its own.
+    env.pop("WANDB_SERVICE", None)
     return subprocess.run([sys.executable, "-m", "pretrain", "fit", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=400)
 
