@@ -1,19 +1,22 @@
 """Tokens/s and MFU of the Lightning pretraining step against a bare PyTorch loop, on this machine.
 
-Both sides train the same GPT-2 (same seed, so the same initial weights) on the same in-memory
-random token batches with the same optimizer step: forward, cross-entropy, backward,
-clip_grad_norm_(1.0), fused AdamW, warmup-cosine LR, zero_grad. The Lightning side fits the
-project's real ``CausalLMSystem`` (its logging and grad-norm clipping hook included) with the
-project's ``SpeedMonitor``; the bare side does the same by hand. Per round the two run back to
-back in this process, alternating which goes first, so both see the same machine state.
+Both sides train the same model (same seed, so the same initial weights) on the same in-memory
+random token batches with the same optimizer step: forward + loss, backward, clip_grad_norm_(1.0),
+fused AdamW, warmup-cosine LR, zero_grad. Two families: GPT-2 (next-token cross-entropy on the
+logits) and the T5 encoder-decoder (``model(input_ids=..., labels=...).loss``, span-corruption
+shapes: encoder inputs and shorter decoder targets). The Lightning side fits the project's real
+``CausalLMSystem`` / ``SpanCorruptionSystem`` (its logging and grad-norm clipping hook included)
+with the project's ``SpeedMonitor``; the bare side does the same by hand. Per round the two run
+back to back in this process, alternating which goes first, so both see the same machine state.
 
 Time per optimizer step = wall time between the ends of consecutive steps (what SpeedMonitor
 measures), so every per-step cost of either loop (data fetch, hooks, logging, LR step) counts.
 The first ``--warmup`` steps of every run are not measured. Peak FLOP/s for MFU comes from a
 matmul probe in the same run.
 
-    python benchmarks/pretrain_step.py                      # both models, default rounds
+    python benchmarks/pretrain_step.py                      # all four models, default rounds
     python benchmarks/pretrain_step.py --models gpt-tiny --rounds 2 --steps 20
+    python benchmarks/pretrain_step.py --models t5-tiny t5-small
 """
 
 from __future__ import annotations
@@ -56,24 +59,55 @@ from torch.utils.data import DataLoader  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 from common.optim import build_adamw, build_warmup_cosine  # noqa: E402
-from common.throughput import SpeedMonitor  # noqa: E402
-from pretrain.model import GPT2Arch, build_gpt2  # noqa: E402
-from pretrain.system import CausalLMSystem  # noqa: E402
+from common.throughput import SpeedMonitor, seq2seq_flops_per_example, seq2seq_n_params  # noqa: E402
+from pretrain.model import GPT2Arch, T5Arch, build_gpt2, build_t5  # noqa: E402
+from pretrain.span_corruption import compute_input_and_target_lengths  # noqa: E402
+from pretrain.system import CausalLMSystem, PretrainSystem, SpanCorruptionSystem  # noqa: E402
 
 FLOOR = 0.95  # Lightning must reach this fraction of the bare loop's tokens/s
+# Per run: measured steps and unmeasured warm-up steps: 15-35 s per run on this VM with both cores,
+# about twice that with one (a round is two runs; the whole default set takes 10-15 min).
+DEFAULT_STEPS = {"gpt-tiny": 60, "gpt2-124m": 8, "t5-tiny": 120, "t5-small": 28}
+DEFAULT_WARMUP = {"gpt-tiny": 3, "gpt2-124m": 2, "t5-tiny": 3, "t5-small": 2}
 
 
 @dataclass(frozen=True)
 class Case:
-    """One benchmarked model: shape, batch, precision and optimizer settings."""
+    """One benchmarked model: shape, batch, precision and optimizer settings.
 
-    arch: GPT2Arch
+    GPT-2: ``seq_len`` tokens in, ``seq_len`` next-token targets (the same tokens shifted, not
+    extra work). T5 (``arch`` a ``T5Arch``): ``seq_len`` encoder inputs and ``target_len`` decoder
+    targets (labels; the decoder reads them shifted right), both processed tokens.
+    """
+
+    arch: GPT2Arch | T5Arch
     n_tokens: int  # tokenizer length; the model pads it to a multiple of 64
     batch_size: int
     seq_len: int
     precision: str
     lr: float
+    target_len: int = 0  # T5 only: decoder targets per example
 
+    @property
+    def seq2seq(self) -> bool:
+        return isinstance(self.arch, T5Arch)
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Processed tokens per optimizer step, counted as SpeedMonitor does (T5: inputs + targets)."""
+        return self.batch_size * (self.seq_len + (self.target_len if self.seq2seq else 0))
+
+    @property
+    def shape(self) -> str:
+        return (f"{self.batch_size}×({self.seq_len}+{self.target_len})" if self.seq2seq
+                else f"{self.batch_size}×{self.seq_len}")
+
+
+# T5 span-corruption lengths (noise density 0.15, mean span 3: the data module's defaults): a
+# 141-token raw window with 21 noise tokens in 7 spans -> 120 + 7 sentinels + EOS = 128 encoder
+# inputs and 21 + 7 sentinels + EOS = 29 decoder targets.
+_T5_IN = 128
+_T5_OUT = compute_input_and_target_lengths(_T5_IN, 0.15, 3.0)[1]
 
 CASES: dict[str, Case] = {
     # configs/pretrain/gpt-tiny.yaml, fp32 as the CLI uses on CPU (bf16 autocast made it slower).
@@ -83,6 +117,15 @@ CASES: dict[str, Case] = {
     # from 8x1024 (x8 accumulation) to 4x128 so a round takes 1-2 minutes on 2 cores. Precision
     # "auto": the preset's bf16-mixed only where bf16 matmuls are fast (see resolve_precision).
     "gpt2-124m": Case(GPT2Arch(), 50258, 4, 128, "auto", 6e-4),
+    # configs/pretrain/t5-tiny.yaml: 2+2 layers, d=128, gated-GELU d_ff=256, 4 heads x 32; 4,096 BPE
+    # + 100 sentinels = 4,196 ids (-> 4,224); B=16, 128 inputs + 29 targets; fp32.
+    "t5-tiny": Case(T5Arch(d_model=128, d_ff=256, d_kv=32, num_heads=4, num_layers=2), 4196, 16, _T5_IN,
+                    "32-true", 2e-3, _T5_OUT),
+    # configs/pretrain/t5-small.yaml (T5Arch defaults: 8+8 layers, d=512, d_ff=1024, 6 heads x 64)
+    # with GPT-2's 50,257 tokens + pad + 100 sentinels = 50,358 ids (-> 50,368). Batch cut from
+    # 64x512 inputs (x4 GPUs x2 accumulation) to 2 x (128 + 29) so a round takes 1-2 minutes on 2
+    # cores. Precision "auto" as for gpt2-124m (the preset asks for bf16-mixed).
+    "t5-small": Case(T5Arch(), 50358, 2, _T5_IN, "auto", 1e-3, _T5_OUT),
 }
 
 
@@ -99,29 +142,58 @@ def make_tokenizer(n_tokens: int) -> PreTrainedTokenizerFast:
 
 
 def make_loader(case: Case, n_batches: int, seed: int) -> DataLoader:
-    """``n_batches`` fixed random (input_ids, targets) batches, held in memory, one per step.
+    """``n_batches`` fixed random batches, held in memory, one per step: GPT-2 ``{"input_ids",
+    "targets"}`` (B, T) each; T5 ``{"input_ids": (B, T_in), "labels": (B, T_out)}``, the shapes the
+    span-corruption data module yields (random ids stand in for corrupted text and spans: the
+    step's cost depends on the shapes only).
 
     Both loops iterate a DataLoader over the same list (batch_size=None: no collation), so the
     data path costs the same on both sides and the benchmark measures the training step.
     """
     g = torch.Generator().manual_seed(seed)
     # Ordinary token ids only (not EOS 0 / pad 1, nor the padded ids no tokenizer emits).
-    seqs = torch.randint(2, case.n_tokens, (n_batches, case.batch_size, case.seq_len + 1), generator=g)
-    batches = [{"input_ids": s[:, :-1].contiguous(), "targets": s[:, 1:].contiguous()} for s in seqs]
+    if case.seq2seq:
+        inputs = torch.randint(2, case.n_tokens, (n_batches, case.batch_size, case.seq_len), generator=g)
+        labels = torch.randint(2, case.n_tokens, (n_batches, case.batch_size, case.target_len), generator=g)
+        batches = [{"input_ids": i, "labels": lab} for i, lab in zip(inputs, labels)]
+    else:
+        seqs = torch.randint(2, case.n_tokens, (n_batches, case.batch_size, case.seq_len + 1), generator=g)
+        batches = [{"input_ids": s[:, :-1].contiguous(), "targets": s[:, 1:].contiguous()} for s in seqs]
     return DataLoader(batches, batch_size=None, shuffle=False, num_workers=0)
 
 
-def fresh_system(case: Case, tokenizer: PreTrainedTokenizerFast, seed: int, max_steps: int) -> CausalLMSystem:
+def fresh_system(case: Case, tokenizer: PreTrainedTokenizerFast, seed: int, max_steps: int) -> PretrainSystem:
     """The project's system with its model built now (same seed -> same weights on both sides).
 
     Setting ``system.model`` makes ``configure_model`` a no-op, so no data module is needed.
     """
     # LR warmup over the first quarter: the schedule needs max_steps > warmup; speed ignores the LR.
-    system = CausalLMSystem(arch=case.arch, lr=case.lr, warmup_steps=max_steps // 4)
+    system_cls, build = (SpanCorruptionSystem, build_t5) if case.seq2seq else (CausalLMSystem, build_gpt2)
+    system = system_cls(arch=case.arch, lr=case.lr, warmup_steps=max_steps // 4)
     torch.manual_seed(seed)
-    system.model = build_gpt2(case.arch, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    system.model = build(case.arch, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
     system.attach_tokenizer(tokenizer)
     return system
+
+
+def flops_per_step(case: Case, system: PretrainSystem) -> float:
+    """Training FLOPs of one optimizer step (one micro-batch), as SpeedMonitor counts them.
+
+    GPT-2: ``flops_per_token(T)·B·T`` (6N + 12·L·d·T per token). T5: ``B·seq2seq_flops_per_example``
+    (6·(N_enc·T_in + N_dec·T_out) + attention), computed here from its inputs and checked against
+    ``SpanCorruptionSystem.flops_per_batch``, which SpeedMonitor uses on the Lightning side.
+    """
+    if not case.seq2seq:
+        return system.flops_per_token(case.seq_len) * case.batch_size * case.seq_len
+    arch = case.arch
+    n_enc, n_dec = seq2seq_n_params(system.model)
+    flops = case.batch_size * seq2seq_flops_per_example(n_enc, n_dec, arch.num_layers,
+                                                        arch.num_decoder_layers or arch.num_layers,
+                                                        arch.d_model, case.seq_len, case.target_len)
+    batch = {"input_ids": torch.zeros(case.batch_size, case.seq_len, dtype=torch.long),
+             "labels": torch.zeros(case.batch_size, case.target_len, dtype=torch.long)}
+    assert system.flops_per_batch(batch) == flops, (system.flops_per_batch(batch), flops)
+    return flops
 
 
 # ---- the two loops --------------------------------------------------------------------------
@@ -135,7 +207,7 @@ class RunResult:
     speed_monitor: dict[str, Any] | None = None
 
 
-def run_bare(case: Case, system: CausalLMSystem, loader: DataLoader, max_steps: int) -> RunResult:
+def run_bare(case: Case, system: PretrainSystem, loader: DataLoader, max_steps: int) -> RunResult:
     """What Lightning does per optimizer step under automatic optimization, by hand."""
     model = system.model
     model.train()
@@ -147,8 +219,11 @@ def run_bare(case: Case, system: CausalLMSystem, loader: DataLoader, max_steps: 
     ends, cpu_ends, loss = [], [], torch.tensor(math.nan)
     for batch in loader:
         with autocast():
-            logits = model(input_ids=batch["input_ids"]).logits
-            loss = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten())
+            if case.seq2seq:  # HF T5: decoder inputs = labels shifted right; mean CE over the labels
+                loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+            else:
+                logits = model(input_ids=batch["input_ids"]).logits
+                loss = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -174,9 +249,9 @@ class StepClock(pl.Callback):
         self.last_loss = float(outputs["loss"].detach())
 
 
-def run_lightning(case: Case, system: CausalLMSystem, loader: DataLoader, max_steps: int,
+def run_lightning(case: Case, system: PretrainSystem, loader: DataLoader, max_steps: int,
                   peak_flops: float) -> RunResult:
-    """Fit the real CausalLMSystem with the Trainer settings of a run, minus checkpoints/loggers."""
+    """Fit the real system with the Trainer settings of a run, minus checkpoints and loggers."""
     clock, speed = StepClock(), SpeedMonitor(peak_flops=peak_flops)
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, precision=case.precision, max_steps=max_steps,
@@ -267,7 +342,7 @@ def bench_case(name: str, case: Case, rounds: int, steps: int, warmup: int, peak
     peak = peaks[case.precision]
     probe = fresh_system(case, tokenizer, seed, max_steps)
     vocab = probe.model.config.vocab_size
-    flops_per_step = probe.flops_per_token(case.seq_len) * case.batch_size * case.seq_len
+    step_flops = flops_per_step(case, probe)
     n_params = sum(p.numel() for p in probe.model.parameters())  # tied embedding counted once
     del probe
     runs: list[dict[str, Any]] = []
@@ -280,7 +355,7 @@ def bench_case(name: str, case: Case, rounds: int, steps: int, warmup: int, peak
                 run = run_bare(case, system, loader, max_steps)
             else:
                 run = run_lightning(case, system, loader, max_steps, peak)
-            fig = steady_state(run, warmup, case.batch_size * case.seq_len, flops_per_step, peak)
+            fig = steady_state(run, warmup, case.tokens_per_step, step_flops, peak)
             fig |= {"round": r, "side": side, "speed_monitor": run.speed_monitor}
             runs.append(fig)
             print(f"[{name}] round {r} {side:9s} {fig['tokens_per_s']:8.1f} tok/s  {fig['step_s']*1e3:8.1f} ms/step"
@@ -294,9 +369,10 @@ def bench_case(name: str, case: Case, rounds: int, steps: int, warmup: int, peak
     cpu_ratios = [lt["tokens_per_cpu_s"] / b["tokens_per_cpu_s"] for b, lt in zip(by["bare"], by["lightning"])]
     losses = [x["last_loss"] for x in runs]
     return {
-        "model": name, "precision": case.precision, "batch_size": case.batch_size, "seq_len": case.seq_len,
-        "vocab": vocab, "n_params": n_params,
-        "flops_per_step": flops_per_step, "peak_flops": peak, "max_steps": max_steps, "warmup": warmup,
+        "model": name, "family": "t5" if case.seq2seq else "gpt2", "precision": case.precision,
+        "batch_size": case.batch_size, "seq_len": case.seq_len, "target_len": case.target_len if case.seq2seq else None,
+        "shape": case.shape, "tokens_per_step": case.tokens_per_step, "vocab": vocab, "n_params": n_params,
+        "flops_per_step": step_flops, "peak_flops": peak, "max_steps": max_steps, "warmup": warmup,
         "runs": runs, "ratios": ratios, "ratio_median": statistics.median(ratios),
         "cpu_ratios": cpu_ratios, "cpu_ratio_median": statistics.median(cpu_ratios),
         "pass": statistics.median(ratios) >= FLOOR,
@@ -346,19 +422,21 @@ def markdown(report: dict[str, Any]) -> str:
         f"load average at start {report['load_start']}",
         f"- Wall time {report['wall_s']/60:.1f} min", "",
         f"Floor: Lightning ≥ {FLOOR}× the bare loop's tokens/s (median of the per-round ratios).", "",
-        "| model | precision | B×T | bare tok/s | Lightning tok/s | ratio L/bare (per round) | ratio per CPU-s | bare MFU | Lightning MFU | result |",
+        "| model | precision | batch | bare tok/s | Lightning tok/s | ratio L/bare (per round) | ratio per CPU-s | bare MFU | Lightning MFU | result |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in report["cases"]:
         def rng(d: dict[str, float], f: str) -> str:
             return f"{format(d['median'], f)} ({format(d['min'], f)}–{format(d['max'], f)})"
         lines.append(
-            f"| {c['model']} ({c['n_params']/1e6:.1f}M) | {c['precision']} | {c['batch_size']}×{c['seq_len']} "
+            f"| {c['model']} ({c['n_params']/1e6:.1f}M) | {c['precision']} | {c['shape']} "
             f"| {rng(c['bare_tokens_per_s'], '.0f')} | {rng(c['lightning_tokens_per_s'], '.0f')} "
             f"| **{c['ratio_median']:.3f}** ({', '.join(f'{x:.3f}' for x in c['ratios'])}) "
             f"| {c['cpu_ratio_median']:.3f} ({', '.join(f'{x:.3f}' for x in c['cpu_ratios'])}) "
             f"| {rng(c['bare_mfu'], '.1%')} | {rng(c['lightning_mfu'], '.1%')} | {'PASS' if c['pass'] else 'FAIL'} |")
-    lines += ["", "Tokens/s and MFU: median (min–max) over rounds; ratio: median (per round). Per run, the first"
+    lines += ["", "Batch: B×T (GPT-2) or B×(encoder inputs + decoder targets) (T5). Tokens/s and MFU: median"
+              " (min–max) over rounds; ratio: median (per round). Tokens = B·T, or B·(inputs + targets) for T5"
+              " (as SpeedMonitor counts them). Per run, the first"
               " `warmup` steps are not measured, then tokens / wall time between step ends. Ratio per CPU-s:"
               " the same with process CPU time instead of wall time (insensitive to losing a core, blind to"
               " single-threaded overhead; the floor uses the wall-time ratio).", "",
@@ -401,9 +479,11 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES), help="models to benchmark")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of (bare, Lightning), order alternating")
     ap.add_argument("--steps", type=int, default=None,
-                    help="measured steps per run (default: 60 for gpt-tiny, 8 for gpt2-124m)")
+                    help="measured steps per run (default: "
+                    + ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()) + ")")
     ap.add_argument("--warmup", type=int, default=None,
-                    help="unmeasured steps at the start of every run (default: 3 for gpt-tiny, 2 for gpt2-124m)")
+                    help="unmeasured steps at the start of every run (default: "
+                    + ", ".join(f"{k} {v}" for k, v in DEFAULT_WARMUP.items()) + ")")
     ap.add_argument("--seed", type=int, default=1234, help="weights and data seed (same for both loops)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/pretrain_step.md"), help="results file")
     args = ap.parse_args()
@@ -421,16 +501,15 @@ def main() -> None:
     }
     report["peaks"] = {"32-true": matmul_peak(torch.float32), "bf16-mixed": matmul_peak(torch.bfloat16)}
     print("peak FLOP/s: " + ", ".join(f"{k} {v/1e9:.3g} G" for k, v in report["peaks"].items()), flush=True)
-    # About a minute per run for either model with both cores free.
-    default_steps, default_warmup = {"gpt-tiny": 60, "gpt2-124m": 8}, {"gpt-tiny": 3, "gpt2-124m": 2}
-    report["cases"] = [bench_case(name, CASES[name], args.rounds, args.steps or default_steps[name],
-                                  default_warmup[name] if args.warmup is None else args.warmup,
+    report["cases"] = [bench_case(name, CASES[name], args.rounds, args.steps or DEFAULT_STEPS[name],
+                                  DEFAULT_WARMUP[name] if args.warmup is None else args.warmup,
                                   report["peaks"], args.seed) for name in args.models]
     # Probe again: if the second core was away during the first probe, the peak was too low.
     report["peaks_end"] = {"32-true": matmul_peak(torch.float32), "bf16-mixed": matmul_peak(torch.bfloat16)}
     finish_peaks(report)
     peaks = report["peaks"]
-    precision_note = (f"- Precision \"auto\" (gpt2-124m) chose {resolve_precision('auto', peaks)}: bf16 matmul probe "
+    precision_note = (f"- Precision \"auto\" (gpt2-124m, t5-small) chose {resolve_precision('auto', peaks)}: "
+                      "bf16 matmul probe "
                       f"{peaks['bf16-mixed']/1e9:.3g} GFLOP/s vs fp32 {peaks['32-true']/1e9:.3g} GFLOP/s on this CPU.")
     report |= {"busy_end": busy_processes(), "wall_s": time.perf_counter() - t_start,
                "notes": [*NOTES, precision_note]}
