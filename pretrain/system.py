@@ -70,6 +70,7 @@ class PretrainSystem(LightningModule):
         self.tokenizer = None
         self.val_loss = MeanMetric()
         self._rng_to_restore: dict | None = None
+        self._n_params: Any = None  # parameter count(s) for the FLOPs formula, once the model exists
 
     # ---- model construction -------------------------------------------------------------
     def configure_model(self) -> None:
@@ -202,7 +203,9 @@ class CausalLMSystem(PretrainSystem):
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token, 6N + 12·L·d·T (used by SpeedMonitor for MFU)."""
-        return decoder_flops_per_token(count_params(self.model), self.arch.n_layer, self.arch.n_embd, seq_len)
+        if self._n_params is None:  # counted once: walking the parameters every step costs ~ms
+            self._n_params = count_params(self.model)
+        return decoder_flops_per_token(self._n_params, self.arch.n_layer, self.arch.n_embd, seq_len)
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         logits = self.model(input_ids=batch["input_ids"]).logits  # (B, T, V)
@@ -236,7 +239,9 @@ class SpanCorruptionSystem(PretrainSystem):
     def flops_per_batch(self, batch: dict[str, torch.Tensor]) -> float:
         """Training FLOPs of one micro-batch (encoder over inputs, decoder over targets)."""
         (batch_size, in_len), out_len = batch["input_ids"].shape, batch["labels"].shape[-1]
-        n_enc, n_dec = seq2seq_n_params(self.model)
+        if self._n_params is None:  # counted once: walking the parameters every step costs ~2 ms
+            self._n_params = seq2seq_n_params(self.model)
+        n_enc, n_dec = self._n_params
         n_dec_layers = self.arch.num_decoder_layers or self.arch.num_layers
         return batch_size * seq2seq_flops_per_example(n_enc, n_dec, self.arch.num_layers, n_dec_layers,
                                                       self.arch.d_model, in_len, out_len)
