@@ -39,6 +39,8 @@ def test_fit_writes_run_directory_and_validate_reads_it(tmp_path: Path) -> None:
     assert list((run / "wandb").glob("offline-run-*")), "W&B must log offline without an API key"
     metrics = cli.trainer.callback_metrics
     assert torch.isclose(metrics["val/ppl"], metrics["val/loss"].exp())
+    assert {"train/loss", "train/ppl", "train/lr", "train/grad_norm"} <= metrics.keys()
+    assert metrics["train/grad_norm"] > 0
 
     val = pretrain_cli(["validate", "--config", str(config), "--ckpt_path", "last", "--trainer.logger", "false"])
     assert torch.isclose(val.trainer.callback_metrics["val/loss"], metrics["val/loss"], atol=1e-5)

@@ -67,6 +67,7 @@ trainer:
   val_check_interval: {val_every}
   limit_val_batches: 2
   num_sanity_val_steps: 0
+  log_every_n_steps: 2
   enable_progress_bar: false
   accelerator: cpu
   devices: 1
