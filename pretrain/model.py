@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import torch
 from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
 
 
@@ -86,13 +85,6 @@ def build_gpt2(arch: GPT2Arch, tokenizer_size: int, eos_id: int, pad_id: int | N
     config._attn_implementation = arch.attn_implementation
     return GPT2LMHeadModel(config)
 
-
-def count_params(model: torch.nn.Module, exclude_position_embeddings: bool = True) -> int:
-    """Parameter count N for the 6N FLOPs rule; GPT-2's learned position table does no matmul."""
-    n = sum(p.numel() for p in model.parameters())
-    if exclude_position_embeddings and hasattr(model, "transformer") and hasattr(model.transformer, "wpe"):
-        n -= model.transformer.wpe.weight.numel()
-    return n
 
 
 @dataclass

@@ -21,9 +21,10 @@ from torchmetrics import MeanMetric
 
 from common.checkpoint_io import CHECKPOINT_FORMAT, CHECKPOINT_KEY, CheckpointError, check_lmtrain_checkpoint
 from common.optim import build_adamw, build_warmup_cosine
-from common.throughput import decoder_flops_per_token, seq2seq_flops_per_example, seq2seq_n_params
+from common.throughput import (decoder_flops_per_token, decoder_n_params, seq2seq_flops_per_example,
+                               seq2seq_n_params)
 from common.tokenizer import tokenizer_fingerprint, tokenizer_to_files
-from pretrain.model import GPT2Arch, T5Arch, build_gpt2, build_t5, count_params
+from pretrain.model import GPT2Arch, T5Arch, build_gpt2, build_t5
 
 
 class PretrainSystem(LightningModule):
@@ -212,7 +213,7 @@ class CausalLMSystem(PretrainSystem):
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token, 6N + 12·L·d·T (used by SpeedMonitor for MFU)."""
         if self._n_params is None:  # counted once: walking the parameters every step costs ~ms
-            self._n_params = count_params(self.model)
+            self._n_params = decoder_n_params(self.model)
         return decoder_flops_per_token(self._n_params, self.arch.n_layer, self.arch.n_embd, seq_len)
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
