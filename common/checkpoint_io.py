@@ -45,8 +45,18 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
-    """Load a checkpoint as data only; clear errors for missing, corrupt and non-dict files."""
+    """Load a checkpoint as data only; clear errors for missing, corrupt and non-dict files.
+
+    A DeepSpeed ZeRO checkpoint directory gives its Lightning state without the (sharded) weights;
+    `common.zero_checkpoint.load_any_checkpoint` consolidates those too.
+    """
     path = Path(path)
+    if path.is_dir():
+        from common.zero_checkpoint import is_zero_checkpoint, read_client_state
+
+        if is_zero_checkpoint(path):
+            return read_client_state(path)
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file or DeepSpeed checkpoint")
     if not path.is_file():
         raise CheckpointError(f"Checkpoint not found: {path}")
     try:
@@ -62,10 +72,15 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> 
     return checkpoint
 
 
-def check_lmtrain_checkpoint(checkpoint: dict, source: str, family: str | None = None) -> dict:
-    """Return our metadata block; refuse foreign checkpoints and the wrong model family."""
+def check_lmtrain_checkpoint(checkpoint: dict, source: str, family: str | None = None,
+                             require_weights: bool = True) -> dict:
+    """Return our metadata block; refuse foreign checkpoints and the wrong model family.
+
+    ``require_weights=False`` accepts a state without ``state_dict`` (DeepSpeed keeps the weights
+    in its own shard files).
+    """
     meta = checkpoint.get(CHECKPOINT_KEY)
-    if not isinstance(meta, dict) or "state_dict" not in checkpoint:
+    if not isinstance(meta, dict) or (require_weights and "state_dict" not in checkpoint):
         raise CheckpointError(
             f"{source} is not an lmtrain checkpoint (no '{CHECKPOINT_KEY}' metadata / state_dict). "
             "For a Hugging Face model directory or hub name use the fine-tuning `--model.init` option."
@@ -90,6 +105,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
         if weights_only is False:
             raise CheckpointError("lmtrain refuses to unpickle checkpoints (weights_only=False)")
+        if Path(path).is_dir():
+            raise CheckpointError(
+                f"{path} is a DeepSpeed ZeRO checkpoint directory, but this run's strategy reads single-file "
+                "checkpoints. Resume it with the DeepSpeed trainer preset it was saved with (configs/trainer/"
+                "deepspeed-*.yaml), or export it with `python -m pretrain export` and start from the export."
+            )
         checkpoint = load_checkpoint_file(path, map_location=map_location or "cpu")
         check_lmtrain_checkpoint(checkpoint, str(path))
         return checkpoint

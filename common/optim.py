@@ -46,7 +46,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         for m in model.modules()
         if isinstance(m, _DECAY_MODULES)
         for name, p in m.named_parameters(recurse=False)
-        if name == "weight" and p.ndim >= 2 and id(p) not in embedding_ids
+        # ZeRO-3 leaves a 1-D placeholder in the module; ds_shape is the weight's true shape.
+        if name == "weight" and len(getattr(p, "ds_shape", p.shape)) >= 2 and id(p) not in embedding_ids
     }
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
@@ -83,7 +84,8 @@ def build_adamw(
     betas: tuple[float, float] = (0.9, 0.95),
     eps: float = 1e-8,
     fused: bool | None = None,
-) -> torch.optim.AdamW:
+    cpu_offload: bool = False,
+) -> torch.optim.Optimizer:
     """AdamW over :func:`param_groups`.
 
     ``fused=None`` picks the fused kernel whenever torch has one for the parameters' device
@@ -96,6 +98,10 @@ def build_adamw(
     overridden ``LightningModule.configure_gradient_clipping`` with
     ``torch.nn.utils.clip_grad_norm_``. With ``16-mixed`` (GradScaler) pass ``fused=False`` if
     you clip: the gradients are still scaled when clipping would run.
+
+    ``cpu_offload=True`` (DeepSpeed ZeRO with ``offload_optimizer``) returns DeepSpeed's
+    ``DeepSpeedCPUAdam`` in AdamW mode over the same groups: the optimizer step then runs on the
+    CPU copies of the weights, where torch's AdamW would be slow and DeepSpeed refuses it.
     """
     if lr <= 0:
         raise ValueError(f"lr must be > 0, got {lr}")
@@ -104,6 +110,10 @@ def build_adamw(
     groups = param_groups(model, weight_decay)
     if not groups:
         raise ValueError(f"{type(model).__name__} has no trainable parameters to optimise")
+    if cpu_offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, eps=eps, adamw_mode=True)
     if fused is None:
         fused = _fused_supported(model)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)

@@ -65,13 +65,18 @@ def seq2seq_flops_per_example(
     return matmuls + attention
 
 
+def _numel(p: torch.Tensor) -> int:
+    # A ZeRO-3-partitioned parameter is an empty placeholder; DeepSpeed keeps the true size.
+    return getattr(p, "ds_numel", p.numel())
+
+
 def _params_without_embeddings(module: nn.Module, only_positions: bool = False) -> int:
     """Unique parameters minus nn.Embedding tables (with ``only_positions``: minus learned position
     tables only, i.e. modules named ``*wpe`` or ``*position*`` such as GPT-2's ``transformer.wpe``)."""
     skip = {id(p) for name, m in module.named_modules() for p in m.parameters(recurse=False)
             if isinstance(m, nn.Embedding)
             and (not only_positions or name.endswith("wpe") or "position" in name)}
-    return sum(p.numel() for p in module.parameters() if id(p) not in skip)  # parameters() dedupes ties
+    return sum(_numel(p) for p in module.parameters() if id(p) not in skip)  # parameters() dedupes ties
 
 
 def decoder_n_params(model: nn.Module) -> int:
@@ -84,7 +89,7 @@ def seq2seq_n_params(model: nn.Module) -> tuple[int, int]:
     the stacks without nn.Embedding tables (tokens, T5's relative-position buckets), plus the
     output projection in ``N_dec``."""
     head = model.get_output_embeddings()
-    n_dec = _params_without_embeddings(model.get_decoder()) + sum(p.numel() for p in head.parameters())
+    n_dec = _params_without_embeddings(model.get_decoder()) + sum(_numel(p) for p in head.parameters())
     return _params_without_embeddings(model.get_encoder()), n_dec
 
 

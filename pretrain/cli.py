@@ -18,6 +18,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from common.checkpoint_io import AtomicCheckpointIO, load_checkpoint_file
+from common.global_batch import GlobalBatchLogger
+from common.slurm import check_slurm_allocation, hpc_checkpoints, newest_checkpoint, resume_candidates
 from common.throughput import SpeedMonitor
 from common.wandb_logger import AutoWandbLogger, WandbRunIdCallback, resume_wandb_run
 from pretrain.data import PretrainDataModule
@@ -85,12 +87,20 @@ class PretrainCLI(LightningCLI):
         # Atomic writes unless a strategy brings its own checkpoint format (DeepSpeed).
         if type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = AtomicCheckpointIO()
-        trainer.callbacks.append(WandbRunIdCallback())
+        trainer.callbacks.extend([WandbRunIdCallback(), GlobalBatchLogger()])
         return trainer
 
     def before_fit(self) -> None:
+        # Inside a SLURM job: one process per task, checked before Lightning's launcher would fail.
+        check_slurm_allocation(self.trainer.num_devices, self.trainer.num_nodes)
         ckpt_path = self.config.fit.get("ckpt_path")
         resolved = self._resolve_ckpt_path(ckpt_path)
+        if ckpt_path == "last":
+            # trainer.fit gets the checkpoint chosen here (before_fit runs before LightningCLI reads
+            # config_init for the fit kwargs); Lightning's own "last" ignores hpc_ckpt_*.ckpt.
+            self.config_init["fit.ckpt_path"] = None if resolved is None else str(resolved)
+            if resolved is None and self.trainer.is_global_zero:
+                print(f"--ckpt_path {ckpt_path}: no checkpoint in {self.trainer.default_root_dir} yet, starting fresh")
         if resolved is not None:
             # Continue the same W&B run: the id was saved in the checkpoint.
             run_id = resume_wandb_run(self.trainer.loggers, load_checkpoint_file(resolved))
@@ -98,11 +108,16 @@ class PretrainCLI(LightningCLI):
                 print(f"Resuming W&B run {run_id} from {resolved}")
 
     def _resolve_ckpt_path(self, ckpt_path: str | None) -> Path | None:
-        if ckpt_path in (None, "best", "hpc", "registry"):
+        """"last": the newest of checkpoints/last.ckpt and <run>/hpc_ckpt_*.ckpt (a SLURM requeue after
+        the warning signal leaves the latter; see common.slurm); "hpc": the highest-numbered hpc one."""
+        if ckpt_path in (None, "best", "registry"):
             return None
+        run_dir = self.trainer.default_root_dir
+        if ckpt_path == "hpc":
+            hpc = hpc_checkpoints(run_dir)
+            return hpc[-1] if hpc else None
         if ckpt_path == "last":
-            last = Path(self.trainer.checkpoint_callback.dirpath) / "last.ckpt"
-            return last if last.is_file() else None
+            return newest_checkpoint(resume_candidates(self.trainer.checkpoint_callback.dirpath, run_dir))
         return Path(ckpt_path)
 
 

@@ -1,5 +1,7 @@
 """`python -m pretrain export <checkpoint> <out_dir>`: a Hugging Face model directory from a checkpoint.
 
+The checkpoint may be a `.ckpt` file or a DeepSpeed ZeRO checkpoint directory (any stage, any
+number of ranks): the sharded fp32 weights are consolidated on CPU, no GPU or DeepSpeed launch needed.
 The output (config.json, model.safetensors, generation_config.json, tokenizer files) loads offline
 with `AutoModelForCausalLM.from_pretrained(out_dir)` and `pipeline("text-generation", model=out_dir)`.
 transformers fills weights missing from a directory with random values without failing, so the
@@ -16,7 +18,8 @@ import torch
 from jsonargparse import CLI
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, GenerationConfig, PreTrainedModel
 
-from common.checkpoint_io import CheckpointError, check_lmtrain_checkpoint, load_checkpoint_file
+from common.checkpoint_io import CheckpointError, check_lmtrain_checkpoint
+from common.zero_checkpoint import is_zero_checkpoint, load_any_checkpoint
 from common.tokenizer import tokenizer_from_files
 
 # model family -> HF auto class that loads it
@@ -24,13 +27,13 @@ AUTO_CLASSES = {"gpt2": AutoModelForCausalLM, "t5": AutoModelForSeq2SeqLM}
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or a run directory (its checkpoints/last.ckpt)."""
+    """A checkpoint file or ZeRO directory, or a run directory (its checkpoints/last.ckpt)."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not is_zero_checkpoint(path):
         for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
-            if candidate.is_file():
+            if candidate.is_file() or is_zero_checkpoint(candidate):
                 return candidate
-        raise CheckpointError(f"{path} is a directory without checkpoints/last.ckpt")
+        raise CheckpointError(f"{path} is neither a DeepSpeed checkpoint nor a run directory with checkpoints/last.ckpt")
     return path
 
 
@@ -57,7 +60,8 @@ def export_checkpoint(checkpoint: str, out_dir: str, overwrite: bool = False, ve
     """Write the Hugging Face model directory ``out_dir`` from an lmtrain checkpoint.
 
     Args:
-        checkpoint: A `.ckpt` file or a run directory (uses its checkpoints/last.ckpt).
+        checkpoint: A `.ckpt` file, a DeepSpeed ZeRO checkpoint directory, or a run directory (uses
+            its checkpoints/last.ckpt).
         out_dir: Output directory (config, safetensors weights, tokenizer, generation config).
         overwrite: Replace ``out_dir`` if it exists (it is only replaced once the export succeeded).
         verify: Reload the written directory and compare logits with the checkpoint's model.
@@ -66,7 +70,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, overwrite: bool = False, ve
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite true to replace it")
-    model, meta = model_from_checkpoint(load_checkpoint_file(ckpt_path), str(ckpt_path))
+    model, meta = model_from_checkpoint(load_any_checkpoint(ckpt_path), str(ckpt_path))
     tokenizer = tokenizer_from_files(meta["tokenizer_files"])
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,

@@ -25,13 +25,14 @@ class GenerationSamples(pl.Callback):
     LM) with ``pl_module.tokenizer``. For an encoder-decoder (T5) it shows span reconstructions of
     the first ``len(prompts)`` validation examples instead: input, target and greedy prediction.
 
-    Rank 0 only, never during the sanity check. Rows ``{"step", "prompt", "completion"}`` go to
+    Rank 0 only (all ranks in lockstep under ZeRO-3, where weights are sharded), never during the
+    sanity check. Rows ``{"step", "prompt", "completion"}`` go to
     every ``WandbLogger`` as the table ``samples`` (``log_text``); without one they are written
     with ``rank_zero_info``. ``last_samples`` keeps the latest rows. Prompts are generated one at
     a time, so no padding side matters; each is encoded with the tokenizer's own special-token
     convention (``add_special_tokens=True``). The model is put in eval mode and restored, and a
     ``torch.compile``-d model runs eagerly here (no recompiles for growing lengths).
-    Not under DeepSpeed ZeRO-3 / FSDP: sharded weights would need every rank in ``generate``.
+    Skipped under FSDP (its sharded weights are only gathered inside the wrapped forward).
     """
 
     def __init__(
@@ -83,20 +84,26 @@ class GenerationSamples(pl.Callback):
         if trainer.sanity_checking:
             return
         strategy = trainer.strategy
-        if getattr(strategy, "zero_stage_3", False) or "fsdp" in type(strategy).__name__.lower():
+        if "fsdp" in type(strategy).__name__.lower():
             if not self._warned_sharded:
                 rank_zero_warn(f"GenerationSamples: skipped under {type(strategy).__name__} (sharded weights).")
                 self._warned_sharded = True
             return
         self._last_step = trainer.global_step  # on every rank, so the checkpointed state agrees
-        if not trainer.is_global_zero:
+        # ZeRO-3 partitions every weight across ranks: each forward gathers them collectively, so
+        # every rank must run the same generate calls, and keep stepping until all are done
+        # (synced_gpus), or the ranks that finish first leave the others waiting forever.
+        synced = bool(getattr(strategy, "zero_stage_3", False)) and trainer.world_size > 1
+        if not (trainer.is_global_zero or synced):
             return
         if getattr(pl_module.model.config, "is_encoder_decoder", False):
             examples = trainer.datamodule.val_dataloader().dataset
-            rows = self.reconstruct_spans(pl_module.model, pl_module.tokenizer, examples)
+            rows = self.reconstruct_spans(pl_module.model, pl_module.tokenizer, examples, synced_gpus=synced)
         else:
-            rows = [{"prompt": p, "completion": c}
-                    for p, c in zip(self.prompts, self.generate(pl_module.model, pl_module.tokenizer))]
+            completions = self.generate(pl_module.model, pl_module.tokenizer, synced_gpus=synced)
+            rows = [{"prompt": p, "completion": c} for p, c in zip(self.prompts, completions)]
+        if not trainer.is_global_zero:
+            return
         rows = [{"step": trainer.global_step, **row} for row in rows]
         self.last_samples = rows
         columns = list(rows[0])
@@ -109,7 +116,8 @@ class GenerationSamples(pl.Callback):
                 rank_zero_info(f"[sample step {r['step']}] " + " | ".join(f"{c}: {r[c]!r}" for c in columns[1:]))
 
     @torch.no_grad()
-    def reconstruct_spans(self, model: torch.nn.Module, tokenizer: Any, examples: Any) -> list[dict[str, str]]:
+    def reconstruct_spans(self, model: torch.nn.Module, tokenizer: Any, examples: Any,
+                          synced_gpus: bool = False) -> list[dict[str, str]]:
         """Span-corruption samples for an encoder-decoder: the first ``len(prompts)`` validation
         examples (fixed, so runs compare), their target spans and the model's greedy prediction,
         decoded with sentinels visible (``<extra_id_0> lobster <extra_id_1> ...``)."""
@@ -122,7 +130,7 @@ class GenerationSamples(pl.Callback):
                 for i in range(min(len(self.prompts), len(examples))):
                     example = examples[i]
                     input_ids = example["input_ids"].unsqueeze(0).to(device)  # (1, T_in)
-                    out = model.generate(input_ids=input_ids, do_sample=False,
+                    out = model.generate(input_ids=input_ids, do_sample=False, synced_gpus=synced_gpus,
                                          max_new_tokens=min(self.max_new_tokens, example["labels"].numel()))
                     # (1, 1 + new): drop the decoder start token (pad), keep sentinels visible
                     rows.append({"input": tokenizer.decode(example["input_ids"]),
@@ -133,7 +141,7 @@ class GenerationSamples(pl.Callback):
         return rows
 
     @torch.no_grad()
-    def generate(self, model: torch.nn.Module, tokenizer: Any) -> list[str]:
+    def generate(self, model: torch.nn.Module, tokenizer: Any, synced_gpus: bool = False) -> list[str]:
         """One sampled completion (prompt excluded, special tokens dropped) per prompt.
 
         Deterministic for a given seed and weights; leaves torch's CPU and CUDA RNG states as
@@ -156,6 +164,7 @@ class GenerationSamples(pl.Callback):
                     out = model.generate(
                         **enc, do_sample=True, max_new_tokens=self.max_new_tokens,
                         temperature=self.temperature, top_k=self.top_k, pad_token_id=pad_id,
+                        synced_gpus=synced_gpus,  # every rank steps until all are done (ZeRO-3)
                     )  # (1, T + new)
                     new_tokens = out[0, enc["input_ids"].shape[1]:]
                     completions.append(tokenizer.decode(new_tokens, skip_special_tokens=True))
