@@ -1,9 +1,10 @@
-"""`python -m pretrain {fit,validate,prepare,export} ...`
+"""`python -m pretrain {fit,validate,prepare,export,submit} ...`
 
   prepare   tokenize a corpus into memory-mapped token shards   (python -m pretrain prepare --help)
   fit       pretrain (prepares the corpus first when needed)    (python -m pretrain fit --help)
   validate  evaluate a checkpoint on the validation split
   export    write a Hugging Face model directory from a checkpoint (python -m pretrain export --help)
+  submit    run fit as a SLURM batch job that resumes after requeue (python -m pretrain submit --help)
 """
 
 import os
@@ -25,6 +26,10 @@ def main() -> None:
         from pretrain.prepare import main as prepare_main
 
         report_user_errors(lambda: prepare_main(sys.argv[2:]))
+    elif command == "submit":
+        from common.slurm_submit import main as submit_main
+
+        report_user_errors(lambda: submit_main(sys.argv[2:], stage="pretrain"))
     elif command == "export":
         from pretrain.export import main as export_main
 
