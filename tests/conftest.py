@@ -16,6 +16,7 @@ os.environ["WANDB_MODE"] = "offline"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 from common.data_root import data_root as _data_root  # noqa: E402
+from tests.local_slurm import local_slurm  # noqa: E402,F401  (session fixture: a real local SLURM)
 
 # A few short, distinct "articles"; some lines are blank / whitespace-only on purpose.
 TINY_TEXT_LINES = [
