@@ -112,19 +112,22 @@ class ZeroStrategy(LightningDeepSpeedStrategy):
         self.barrier("zero_save_done")
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        from common.zero_checkpoint import is_zero_checkpoint
+        from common.zero_checkpoint import is_zero_checkpoint, saved_world_size
 
         path = Path(checkpoint_path)
-        if not is_zero_checkpoint(path) and path.is_file():
+        if path.is_file():
             raise ValueError(f"{path} is a single-file checkpoint, but this run uses DeepSpeed ZeRO, which resumes "
                              "from a ZeRO checkpoint directory. Resume it with the trainer preset it was saved with "
                              "(e.g. configs/trainer/cpu.yaml or ddp.yaml), or start a new run.")
-        try:
-            return super().load_checkpoint(checkpoint_path, weights_only)
-        except RuntimeError as e:
-            if self.lightning_module.trainer.state.fn == TrainerFn.FITTING and "world size" in str(e).lower():
-                raise ValueError(f"cannot resume {path} with {self.world_size} processes: {e}") from e
-            raise
+        fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+        if fitting and is_zero_checkpoint(path) and saved_world_size(path) != self.world_size:
+            # DeepSpeed 0.19 cannot re-partition ZeRO optimizer state for another world size
+            # (it raises deep inside load_checkpoint); say so before anything is loaded.
+            raise ValueError(f"{path} was saved by {saved_world_size(path)} processes; this run has "
+                             f"{self.world_size}. DeepSpeed ZeRO resumes only with the same number of processes "
+                             f"(trainer.devices x trainer.num_nodes = {saved_world_size(path)}). To continue with "
+                             "another size, export the weights (python -m pretrain export) and start a new run.")
+        return super().load_checkpoint(checkpoint_path, weights_only)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

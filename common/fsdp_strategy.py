@@ -57,3 +57,13 @@ class TransformerBlockFSDPStrategy(FSDPStrategy):
             state_dict_type=state_dict_type,
             cpu_offload=cpu_offload,
         )
+
+    def setup_environment(self) -> None:
+        from lightning.pytorch.accelerators import CPUAccelerator
+
+        if isinstance(self.accelerator, CPUAccelerator):
+            # torch's FSDP1 raises deep inside wrapping ("needs a non-CPU accelerator device").
+            raise ValueError("trainer.strategy: FSDP needs GPUs (torch's FSDP cannot run on CPU processes). "
+                             "On CPU use configs/trainer/deepspeed-zero3-cpu.yaml (the same full sharding) "
+                             "or ddp-cpu.yaml.")
+        super().setup_environment()

@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from common.checkpoint_io import AtomicCheckpointIO, load_checkpoint_file
 from common.global_batch import GlobalBatchLogger
@@ -32,6 +33,13 @@ def default_precision() -> str:
     if torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "32-true"
+
+
+def _cpu_hint(message: str) -> str:
+    if torch.cuda.is_available() or not any(w in message.lower() for w in ("gpu", "cuda")):
+        return ""
+    return (" -- this machine has no CUDA GPU: use a CPU trainer preset (configs/trainer/cpu.yaml, ddp-cpu.yaml, "
+            "deepspeed-zero2-cpu.yaml or deepspeed-zero3-cpu.yaml)")
 
 
 def _checkpoint_dir(run_dir: str | None) -> str:
@@ -82,7 +90,10 @@ class PretrainCLI(LightningCLI):
                 logger.init_args["save_dir"] = config.trainer.default_root_dir
 
     def instantiate_trainer(self, **kwargs):
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, TypeError) as e:  # Lightning's checks of the trainer settings
+            raise ValueError(f"trainer: {e}{_cpu_hint(str(e))}") from None
         strategy = trainer.strategy
         # Atomic writes unless a strategy brings its own checkpoint format (DeepSpeed).
         if type(strategy.checkpoint_io) is TorchCheckpointIO:

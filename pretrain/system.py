@@ -144,8 +144,9 @@ class PretrainSystem(LightningModule):
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
         self.val_loss.reset()
-        self.log("val/loss", loss, prog_bar=True)
-        self.log("val/ppl", loss.exp())  # exp of the mean loss, not the mean of per-batch exps
+        # Already reduced across ranks by the metric; sync_dist only tells Lightning so (a no-op mean).
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", loss.exp(), sync_dist=True)  # exp of the mean loss, not the mean of exps
 
     # ---- optimisation ---------------------------------------------------------------------
     def configure_optimizers(self) -> dict:

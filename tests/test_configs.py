@@ -14,7 +14,7 @@ ALL_YAML = sorted(CONFIGS.rglob("*.yaml"))
 
 
 def test_there_are_configs_to_check() -> None:
-    assert {p.parent.name for p in ALL_YAML} >= {"pretrain", "data"}
+    assert {p.parent.name for p in ALL_YAML} >= {"pretrain", "data", "trainer"}
 
 
 @pytest.mark.parametrize("path", ALL_YAML, ids=lambda p: str(p.relative_to(CONFIGS)))
@@ -22,6 +22,9 @@ def test_config_parses(path: Path, capsys: pytest.CaptureFixture) -> None:
     kind = path.relative_to(CONFIGS).parts[0]
     if kind == "pretrain":
         run = lambda: pretrain_cli(["fit", "--config", str(path), "--print_config"])  # noqa: E731
+    elif kind == "trainer":  # a trainer preset is layered over a model preset
+        tiny = str(CONFIGS / "pretrain" / "gpt-tiny.yaml")
+        run = lambda: pretrain_cli(["fit", "--config", tiny, "--config", str(path), "--print_config"])  # noqa: E731
     elif kind == "data":
         run = lambda: prepare_main(["--config", str(path), "--print_config"])  # noqa: E731
     else:

@@ -85,9 +85,14 @@ class KillAtStep(Callback):
     checkpoint of step ``step`` is on disk, and step ``step + 1`` has done its forward/backward.
     """
 
-    def __init__(self, step: int) -> None:
+    def __init__(self, step: int, process_group: bool = False) -> None:
+        """Args: the step; kill the whole process group (all ranks of a multi-process run; the
+        test must start it with ``start_new_session=True``)."""
         self.step = step
+        self.process_group = process_group
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if trainer.global_step >= self.step:
+            if self.process_group:
+                os.killpg(os.getpgrp(), signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)
