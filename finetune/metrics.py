@@ -1,0 +1,218 @@
+"""Evaluation metrics that equal the reference implementations users compare against.
+
+Scores come from the reference packages themselves — sacrebleu for BLEU/chrF, Google's
+rouge-score for ROUGE, the official SQuAD v1.1 rules for EM/F1 — not from torchmetrics or HF
+`evaluate`, which disagree with them on the same predictions (by up to 0.19 points; see
+shared/notes/stack-on-cpu.md §9). All scores are on a 0-100 scale.
+
+Rules chosen, so numbers are reproducible elsewhere:
+
+- **Multiple references (BLEU/chrF)**: sacrebleu wants reference *streams* (stream j holds the
+  j-th reference of every item). Items with fewer references are padded with ``None``, which
+  sacrebleu skips for that item; the signature then says ``nrefs:var``.
+- **Multiple references (ROUGE)**: per item, the reference with the highest F1 for each ROUGE
+  type (rouge-score's ``score_multi``); mean over items.
+- **rougeLsum** wants one sentence per line. Predictions and references are split with a small
+  regex (nltk's punkt cannot be downloaded here): existing newlines are kept, and a line is also
+  split after ``.``, ``!``, ``?`` or ``…`` (optionally followed by closing quotes/brackets)
+  when whitespace follows. Abbreviations ("Dr. Smith") are split too; only rougeLsum is affected.
+- **ROUGE tokenizer**: for ``lang="en"`` rouge-score's default (lowercase, a-z0-9 only, Porter
+  stemmer on words > 3 characters). That tokenizer deletes accented letters ("été" -> "t"),
+  so for any other language we use `UnicodeWordTokenizer`: lowercase, Unicode letter/digit runs,
+  no stemming (Porter is English-only). ``rouge_tokenizer`` in the result names the one used.
+- **SQuAD**: official v1.1 normalisation (lowercase, drop ASCII punctuation, drop the articles
+  a/an/the, collapse whitespace), max over the ground truths, mean over items.
+
+Empty predictions are scored (as the reference packages score them: 0 or near it) and counted in
+``n_empty_predictions``.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import sacrebleu
+from rouge_score import rouge_scorer
+
+Metric = Literal["bleu_chrf", "rouge", "squad"]
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+# The whitespace after a sentence end, closing quotes/brackets staying with the sentence.
+_SENTENCE_END = re.compile(r"([.!?…][\"'”’»)\]]*)\s+")
+
+
+class UnicodeWordTokenizer:
+    """rouge-score tokenizer for non-English text: lowercase runs of Unicode letters/digits.
+
+    The default tokenizer keeps only ``[a-z0-9]``, so "été" and "ôté" both become "t" and
+    "Zürich" becomes "z", "rich". Scripts written without spaces (Chinese, Japanese) yield one
+    token per run of characters here; word-segment such text first if ROUGE on it matters.
+    """
+
+    name = "unicode-words-lowercase-nostem"
+    _WORD = re.compile(r"[^\W_]+")
+
+    def tokenize(self, text: str) -> list[str]:
+        return self._WORD.findall(text.lower())
+
+
+def split_sentences(text: str) -> str:
+    """One sentence per line, for rougeLsum (rule in the module docstring)."""
+    one_per_line = _SENTENCE_END.sub("\\1\n", text)
+    return "\n".join(s.strip() for s in one_per_line.split("\n") if s.strip())
+
+
+def compute_metrics(
+    metric: Metric,
+    predictions: list[str],
+    references: list[list[str]],
+    lang: str = "en",
+) -> dict[str, Any]:
+    """Corpus scores (0-100) plus the signature/config strings needed to reproduce them.
+
+    `references[i]` lists the acceptable references of item i (at least one; counts may vary).
+    `lang` is the target language: it picks sacrebleu's tokenizer (13a, zh, ja-mecab, ...) and
+    the ROUGE tokenizer.
+    """
+    _check_inputs(predictions, references)
+    result: dict[str, Any] = {
+        "n_items": len(predictions),
+        "n_empty_predictions": sum(1 for p in predictions if not p.strip()),
+    }
+    if metric == "bleu_chrf":
+        result.update(_bleu_chrf(predictions, references, lang))
+    elif metric == "rouge":
+        result.update(_rouge(predictions, references, lang))
+    elif metric == "squad":
+        result.update(_squad(predictions, references))
+    else:
+        raise ValueError(f"unknown metric {metric!r}; choose one of bleu_chrf, rouge, squad")
+    return result
+
+
+def sentence_scores(
+    metric: Metric,
+    predictions: list[str],
+    references: list[list[str]],
+    lang: str = "en",
+) -> list[float]:
+    """One 0-100 score per item, for per-bucket analysis (e.g. by source length).
+
+    bleu_chrf: sentence BLEU with ``effective_order=True`` (sacrebleu's recommendation for single
+    sentences); rouge: ROUGE-L F1, max over references; squad: SQuAD F1, max over ground truths.
+    """
+    _check_inputs(predictions, references)
+    if metric == "bleu_chrf":
+        bleu = sacrebleu.metrics.BLEU(effective_order=True, trg_lang=lang)
+        return [bleu.sentence_score(p, refs).score for p, refs in zip(predictions, references)]
+    if metric == "rouge":
+        scorer = _rouge_scorer(("rougeL",), lang)
+        return [
+            100.0 * scorer.score_multi(refs, p)["rougeL"].fmeasure
+            for p, refs in zip(predictions, references)
+        ]
+    if metric == "squad":
+        return [
+            100.0 * max(squad_f1(p, r) for r in refs) for p, refs in zip(predictions, references)
+        ]
+    raise ValueError(f"unknown metric {metric!r}; choose one of bleu_chrf, rouge, squad")
+
+
+def _check_inputs(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> None:
+    if not predictions:
+        raise ValueError("no predictions to score (an empty evaluation split?)")
+    if len(predictions) != len(references):
+        raise ValueError(
+            f"{len(predictions)} predictions but {len(references)} reference lists; "
+            "they must pair up item by item"
+        )
+    for i, refs in enumerate(references):
+        if isinstance(refs, str) or not refs:
+            raise ValueError(
+                f"references[{i}] must be a non-empty list of strings, got {refs!r}"
+            )
+
+
+def _bleu_chrf(predictions: list[str], references: list[list[str]], lang: str) -> dict[str, Any]:
+    n_streams = max(len(refs) for refs in references)
+    streams = [
+        [refs[j] if j < len(refs) else None for refs in references] for j in range(n_streams)
+    ]
+    bleu = sacrebleu.metrics.BLEU(trg_lang=lang)
+    chrf = sacrebleu.metrics.CHRF()
+    bleu_score = bleu.corpus_score(predictions, streams)
+    chrf_score = chrf.corpus_score(predictions, streams)
+    return {
+        "bleu": bleu_score.score,
+        "chrf": chrf_score.score,
+        "bleu_signature": str(bleu.get_signature()),
+        "chrf_signature": str(chrf.get_signature()),
+    }
+
+
+def _rouge_scorer(rouge_types: Sequence[str], lang: str) -> rouge_scorer.RougeScorer:
+    tokenizer = None if lang == "en" else UnicodeWordTokenizer()
+    # With a custom tokenizer rouge-score ignores use_stemmer: stemming is the tokenizer's job.
+    return rouge_scorer.RougeScorer(list(rouge_types), use_stemmer=True, tokenizer=tokenizer)
+
+
+def _rouge(predictions: list[str], references: list[list[str]], lang: str) -> dict[str, Any]:
+    scorer = _rouge_scorer(ROUGE_TYPES, lang)
+    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+    for prediction, refs in zip(predictions, references):
+        # rougeLsum reads sentences from newlines; the other types ignore them.
+        best = scorer.score_multi([split_sentences(r) for r in refs], split_sentences(prediction))
+        for rouge_type in ROUGE_TYPES:
+            totals[rouge_type] += best[rouge_type].fmeasure
+    n = max(len(predictions), 1)
+    tokenizer = "default-porter-stemmer" if lang == "en" else UnicodeWordTokenizer.name
+    return {
+        **{t: 100.0 * total / n for t, total in totals.items()},
+        "rouge_tokenizer": tokenizer,
+        "rouge_config": (
+            f"rouge-score|tokenizer:{tokenizer}|multi-ref:max-f1-per-type|"
+            "rougeLsum-sentences:regex-split|aggregate:mean-f1"
+        ),
+    }
+
+
+def _squad(predictions: list[str], references: list[list[str]]) -> dict[str, Any]:
+    n = max(len(predictions), 1)
+    pairs = list(zip(predictions, references))
+    exact = sum(max(squad_exact_match(p, r) for r in refs) for p, refs in pairs)
+    f1 = sum(max(squad_f1(p, r) for r in refs) for p, refs in pairs)
+    return {
+        "exact_match": 100.0 * exact / n,
+        "f1": 100.0 * f1 / n,
+        "squad_normalization": "squad-v1.1-official",
+    }
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = set(string.punctuation)
+
+
+def normalize_squad_answer(text: str) -> str:
+    """SQuAD v1.1: lowercase, drop punctuation, drop articles, collapse whitespace (this order)."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def squad_exact_match(prediction: str, ground_truth: str) -> float:
+    """1.0 if the normalised strings are equal, else 0.0."""
+    return float(normalize_squad_answer(prediction) == normalize_squad_answer(ground_truth))
+
+
+def squad_f1(prediction: str, ground_truth: str) -> float:
+    """Bag-of-tokens F1 of the normalised strings (0.0 if nothing overlaps, even if both empty)."""
+    prediction_tokens = normalize_squad_answer(prediction).split()
+    truth_tokens = normalize_squad_answer(ground_truth).split()
+    n_same = sum((Counter(prediction_tokens) & Counter(truth_tokens)).values())
+    if n_same == 0:
+        return 0.0
+    precision = n_same / len(prediction_tokens)
+    recall = n_same / len(truth_tokens)
+    return 2 * precision * recall / (precision + recall)
