@@ -25,7 +25,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy

@@ -9,127 +9,22 @@ and `wandb/`. `fit --ckpt_path last` resumes it exactly and continues the same W
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
+from lightning.pytorch.cli import LightningArgumentParser
 
-import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
-
-from common.checkpoint_io import AtomicCheckpointIO, load_checkpoint_file
-from common.global_batch import GlobalBatchLogger
-from common.slurm import check_slurm_allocation, hpc_checkpoints, newest_checkpoint, resume_candidates
+from common.run_cli import RunCLI
 from common.throughput import SpeedMonitor
-from common.wandb_logger import AutoWandbLogger, WandbRunIdCallback, resume_wandb_run
 from pretrain.data import PretrainDataModule
 from pretrain.samples import GenerationSamples
 from pretrain.system import PretrainSystem
 
 
-def default_precision() -> str:
-    """bf16 autocast where the GPU has it; fp32 on CPU, where autocast made a tiny GPT ~8x slower."""
-    if torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "32-true"
-
-
-def _cpu_hint(message: str) -> str:
-    if torch.cuda.is_available() or not any(w in message.lower() for w in ("gpu", "cuda")):
-        return ""
-    return (" -- this machine has no CUDA GPU: use a CPU trainer preset (configs/trainer/cpu.yaml, ddp-cpu.yaml, "
-            "deepspeed-zero2-cpu.yaml or deepspeed-zero3-cpu.yaml)")
-
-
-def _checkpoint_dir(run_dir: str | None) -> str:
-    return os.path.join(run_dir or "runs/default", "checkpoints")
-
-
-class PretrainCLI(LightningCLI):
-    """LightningCLI with the run-directory, checkpoint and W&B conventions of lmtrain."""
+class PretrainCLI(RunCLI):
+    """The shared run conventions (common/run_cli.py) plus throughput and generation samples."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({
-            "checkpoint.monitor": "val/loss",
-            "checkpoint.mode": "min",
-            "checkpoint.save_top_k": 3,
-            "checkpoint.save_last": True,
-            # No "/" from the metric name in file names: it would create sub-directories.
-            "checkpoint.filename": "step{step:07d}-val_loss{val/loss:.4f}",
-            "checkpoint.auto_insert_metric_name": False,
-        })
-        # One place decides where checkpoints go, so `--ckpt_path last` always finds them.
-        parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
+        super().add_arguments_to_parser(parser)
         parser.add_lightning_class_args(SpeedMonitor, "speed")
         parser.add_lightning_class_args(GenerationSamples, "samples")
-        parser.set_defaults({
-            "trainer.default_root_dir": "runs/default",
-            "trainer.precision": default_precision(),
-            "trainer.gradient_clip_val": 1.0,
-            "trainer.log_every_n_steps": 10,
-            # val_check_interval counts batches across epochs (pretraining is step-based), so
-            # validation + checkpoints land on multiples of it, including max_steps.
-            "trainer.check_val_every_n_epoch": None,
-            "trainer.logger": {"class_path": "common.wandb_logger.AutoWandbLogger"},
-        })
-
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI would torch.load the whole checkpoint (no mmap) just to overwrite the model
-        # config with its hyper-parameters. The run's YAML is the source of truth here; the system
-        # checks on load that the checkpoint holds the same model family and tokenizer.
-        return
-
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        logger = config.trainer.logger
-        # W&B files belong to the run directory unless the user chose another place.
-        if logger and getattr(logger, "class_path", "").endswith("AutoWandbLogger"):
-            if logger.init_args.get("save_dir") in (None, "."):
-                logger.init_args["save_dir"] = config.trainer.default_root_dir
-
-    def instantiate_trainer(self, **kwargs):
-        try:
-            trainer = super().instantiate_trainer(**kwargs)
-        except (MisconfigurationException, TypeError) as e:  # Lightning's checks of the trainer settings
-            raise ValueError(f"trainer: {e}{_cpu_hint(str(e))}") from None
-        strategy = trainer.strategy
-        # Atomic writes unless a strategy brings its own checkpoint format (DeepSpeed).
-        if type(strategy.checkpoint_io) is TorchCheckpointIO:
-            strategy.checkpoint_io = AtomicCheckpointIO()
-        trainer.callbacks.extend([WandbRunIdCallback(), GlobalBatchLogger()])
-        return trainer
-
-    def before_fit(self) -> None:
-        # Inside a SLURM job: one process per task, checked before Lightning's launcher would fail.
-        check_slurm_allocation(self.trainer.num_devices, self.trainer.num_nodes)
-        ckpt_path = self.config.fit.get("ckpt_path")
-        resolved = self._resolve_ckpt_path(ckpt_path)
-        if ckpt_path == "last":
-            # trainer.fit gets the checkpoint chosen here (before_fit runs before LightningCLI reads
-            # config_init for the fit kwargs); Lightning's own "last" ignores hpc_ckpt_*.ckpt.
-            self.config_init["fit.ckpt_path"] = None if resolved is None else str(resolved)
-            if resolved is None and self.trainer.is_global_zero:
-                print(f"--ckpt_path {ckpt_path}: no checkpoint in {self.trainer.default_root_dir} yet, starting fresh")
-        if resolved is not None:
-            # Continue the same W&B run: the id was saved in the checkpoint.
-            run_id = resume_wandb_run(self.trainer.loggers, load_checkpoint_file(resolved))
-            if run_id:
-                print(f"Resuming W&B run {run_id} from {resolved}")
-
-    def _resolve_ckpt_path(self, ckpt_path: str | None) -> Path | None:
-        """"last": the newest of checkpoints/last.ckpt and <run>/hpc_ckpt_*.ckpt (a SLURM requeue after
-        the warning signal leaves the latter; see common.slurm); "hpc": the highest-numbered hpc one."""
-        if ckpt_path in (None, "best", "registry"):
-            return None
-        run_dir = self.trainer.default_root_dir
-        if ckpt_path == "hpc":
-            hpc = hpc_checkpoints(run_dir)
-            return hpc[-1] if hpc else None
-        if ckpt_path == "last":
-            return newest_checkpoint(resume_candidates(self.trainer.checkpoint_callback.dirpath, run_dir))
-        return Path(ckpt_path)
 
 
 def main(args: list[str] | None = None) -> PretrainCLI:

@@ -22,8 +22,10 @@ from common.checkpoint_io import CheckpointError, check_lmtrain_checkpoint
 from common.zero_checkpoint import is_zero_checkpoint, load_any_checkpoint
 from common.tokenizer import tokenizer_from_files
 
-# model family -> HF auto class that loads it
-AUTO_CLASSES = {"gpt2": AutoModelForCausalLM, "t5": AutoModelForSeq2SeqLM}
+# model family -> HF auto class that loads it: our pretrained families, and the two kinds of any
+# HF model a fine-tuning run starts from (gpt2, t5, bart, marian, ...)
+AUTO_CLASSES = {"gpt2": AutoModelForCausalLM, "t5": AutoModelForSeq2SeqLM,
+                "decoder": AutoModelForCausalLM, "encoder_decoder": AutoModelForSeq2SeqLM}
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -101,7 +103,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, overwrite: bool = False, ve
 def _verify_export(model: PreTrainedModel, directory: Path, family: str, token_id: int) -> None:
     reloaded = AUTO_CLASSES[family].from_pretrained(directory).eval()
     ids = torch.arange(8).remainder(model.config.vocab_size).unsqueeze(0)  # (1, 8)
-    kwargs = {"decoder_input_ids": ids} if family == "t5" else {}
+    kwargs = {"decoder_input_ids": ids} if model.config.is_encoder_decoder else {}
     expected, actual = model(input_ids=ids, **kwargs).logits, reloaded(input_ids=ids, **kwargs).logits
     if not torch.equal(expected, actual):
         diff = (expected - actual).abs().max().item()

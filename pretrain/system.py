@@ -10,7 +10,6 @@ and its FLOPs: `CausalLMSystem` (GPT-2, next-token loss on packed blocks) and
 
 from __future__ import annotations
 
-import math
 import random
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
 
+from common.gradient_clipping import GradientClipping
 from common.checkpoint_io import CHECKPOINT_FORMAT, CHECKPOINT_KEY, CheckpointError, check_lmtrain_checkpoint
 from common.optim import build_adamw, build_warmup_cosine
 from common.throughput import (decoder_flops_per_token, decoder_n_params, seq2seq_flops_per_example,
@@ -27,7 +27,7 @@ from common.tokenizer import tokenizer_fingerprint, tokenizer_to_files
 from pretrain.model import GPT2Arch, T5Arch, build_gpt2, build_t5
 
 
-class PretrainSystem(LightningModule):
+class PretrainSystem(GradientClipping, LightningModule):
     """What GPT and T5 pretraining share; subclasses set ``family``/``objective`` and implement
     ``build_model``, ``compute_loss`` and ``flops_per_batch``.
 
@@ -131,12 +131,6 @@ class PretrainSystem(LightningModule):
             self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
         return loss
 
-    def _is_logging_step(self) -> bool:
-        # Loggers only write on-step values every `log_every_n_steps`; each `self.log` costs ~1 ms
-        # on CPU, which is ~3% of a tiny model's step, so the secondary metrics are logged only
-        # when they will be written (the loss every step, for the progress bar).
-        return getattr(self.trainer._logger_connector, "should_update_logs", True)
-
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, n_tokens = self.compute_loss(batch)
         self.val_loss.update(loss, weight=n_tokens)  # token-weighted, synced across ranks
@@ -163,34 +157,6 @@ class PretrainSystem(LightningModule):
                                 fused=hp.fused_adamw, cpu_offload=offload)
         scheduler = build_warmup_cosine(optimizer, warmup_steps, max_steps, hp.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,
-                                    gradient_clip_algorithm: str | None = None) -> None:
-        # Clip ourselves instead of `self.clip_gradients`: Lightning refuses clipping with a fused
-        # optimizer under bf16-mixed although bf16 has no loss scaler to unscale. The returned total
-        # norm is logged either way, so exploding gradients are visible.
-        if gradient_clip_algorithm not in (None, "norm"):
-            raise ValueError(f"trainer.gradient_clip_algorithm={gradient_clip_algorithm!r}: only 'norm' is supported")
-        if self._deepspeed_engine() is not None:
-            return  # DeepSpeed clips inside its step (trainer.gradient_clip_val); the norm is logged after it
-        max_norm = gradient_clip_val if gradient_clip_val else math.inf
-        wrapper = self.trainer.strategy.model
-        if hasattr(wrapper, "clip_grad_norm_"):  # FSDP: each rank holds a shard; the norm is global
-            norm = wrapper.clip_grad_norm_(max_norm)
-        else:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        if self._is_logging_step():
-            self.log("train/grad_norm", norm)
-
-    def _deepspeed_engine(self) -> Any:
-        return getattr(self.trainer.strategy, "deepspeed_engine", None) if self._trainer is not None else None
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        engine = self._deepspeed_engine()
-        if engine is not None and self._is_logging_step():
-            norm = engine.get_global_grad_norm()  # of the last optimizer step, before clipping
-            if norm is not None:
-                self.log("train/grad_norm", float(norm))
 
     # ---- checkpoints ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -138,3 +138,25 @@ def test_no_room_for_sentinels_is_refused(tmp_path: Path, capsys: pytest.Capture
     config = write_run_config(tmp_path, family="t5")
     err = _user_error(["fit", "--config", str(config), "--model.init_args.arch.vocab_size", "320"], capsys)
     assert "vocab_size is 320" in err
+
+
+def test_activation_checkpointing_switch_gives_the_same_loss(tmp_path: Path) -> None:
+    """Recomputing activations in backward changes memory, not the maths: same losses, same grads."""
+    config = write_run_config(tmp_path, max_steps=2, val_every=2)
+    common = ["fit", "--config", str(config), "--model.init_args.arch.dropout", "0.0", "--trainer.logger", "false"]
+    plain = pretrain_cli([*common, "--trainer.default_root_dir", str(tmp_path / "plain")])
+    ckpt = pretrain_cli([*common, "--trainer.default_root_dir", str(tmp_path / "ckpt"),
+                         "--model.init_args.activation_checkpointing", "true"])
+    assert ckpt.model.model.is_gradient_checkpointing and not plain.model.model.is_gradient_checkpointing
+    for key in ("train/loss", "val/loss"):
+        torch.testing.assert_close(ckpt.trainer.callback_metrics[key], plain.trainer.callback_metrics[key])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_gpu_preset_on_a_cpu_machine_names_the_cpu_presets(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = write_run_config(tmp_path)
+    preset = REPO / "configs" / "trainer" / "deepspeed-zero2.yaml"
+    with pytest.raises(SystemExit):
+        report_user_errors(lambda: pretrain_cli(["fit", "--config", str(config), "--config", str(preset)]))
+    err = capsys.readouterr().err
+    assert "no CUDA GPU: use a CPU trainer preset" in err and "deepspeed-zero2-cpu.yaml" in err, err

@@ -25,6 +25,11 @@ def test_config_parses(path: Path, capsys: pytest.CaptureFixture) -> None:
     elif kind == "trainer":  # a trainer preset is layered over a model preset
         tiny = str(CONFIGS / "pretrain" / "gpt-tiny.yaml")
         run = lambda: pretrain_cli(["fit", "--config", tiny, "--config", str(path), "--print_config"])  # noqa: E731
+    elif kind == "tasks":  # not a CLI config: a task is loaded (and its templates checked) by load_task
+        from finetune.tasks import load_task
+
+        assert load_task(path).name == path.stem
+        return
     elif kind == "data":
         run = lambda: prepare_main(["--config", str(path), "--print_config"])  # noqa: E731
     else:
