@@ -1,0 +1,41 @@
+"""`python -m finetune {fit,evaluate,validate,export,submit} ...`
+
+  evaluate  zero-/few-shot scores of a model on a task, no training  (python -m finetune evaluate --help)
+            e.g. --model.init runs/gpt-tiny --data.task tatoeba_en_fr --data.shots 5
+  fit       fine-tune --model.init on --data.task, best checkpoint by the task metric
+  validate  score a model (or --ckpt_path) on the task's validation split
+  export    write a Hugging Face model directory from a fine-tuning checkpoint
+  submit    run fit as a SLURM batch job that resumes after requeue (python -m finetune submit --help)
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main() -> None:
+    from common.user_errors import report_user_errors
+
+    command = sys.argv[1] if len(sys.argv) > 1 else None
+    if command in (None, "-h", "--help"):
+        print(__doc__)
+        raise SystemExit(0 if command else 2)
+    if command == "export":
+        from pretrain.export import main as export_main
+
+        report_user_errors(lambda: export_main(sys.argv[2:]))
+    elif command == "submit":
+        from common.slurm_submit import main as submit_main
+
+        report_user_errors(lambda: submit_main(sys.argv[2:], stage="finetune"))
+    else:
+        from finetune.cli import main as cli_main
+
+        if command == "evaluate":  # Lightning calls it `test`
+            sys.argv[1] = "test"
+        report_user_errors(cli_main)
+
+
+if __name__ == "__main__":
+    main()

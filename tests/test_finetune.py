@@ -1,0 +1,169 @@
+"""`python -m finetune` end to end on tiny random Hugging Face models saved like hub checkpoints
+(GPT-2, T5, BART, Marian), used exactly as `gpt2`, `t5-small`, `bart-base` or `opus-mt` would be:
+evaluate on every shipped task for both model kinds, fine-tune, resume, export, label masking,
+truncation counts and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+from common.user_errors import report_user_errors
+from finetune.cli import main as finetune_cli
+from finetune.data import IGNORE_INDEX, FinetuneDataModule
+from finetune.tasks import TASKS_DIR
+from tests.tiny_hf import save_tiny_model
+
+SHIPPED_TASKS = sorted(p.stem for p in TASKS_DIR.glob("*.yaml"))
+QUIET = ["--trainer.logger", "false", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny_hf")
+    return {kind: save_tiny_model(kind, root / kind) for kind in ("gpt2", "t5", "bart", "marian")}
+
+
+def _evaluate(model: Path | str, task: str, run_dir: Path, *extra: str, shots: int = 1, n: int = 4):
+    return finetune_cli(["test", "--model.init", str(model), "--data.task", task, "--data.shots", str(shots),
+                         "--data.max_eval_examples", str(n), "--data.eval_batch_size", "4",
+                         "--model.max_new_tokens", "4", "--trainer.default_root_dir", str(run_dir), *QUIET, *extra])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "t5"])
+@pytest.mark.parametrize("task", SHIPPED_TASKS)
+def test_evaluate_every_shipped_task(task: str, family: str, tiny: dict[str, Path], data_root: Path,
+                                     tmp_path: Path) -> None:
+    cli = _evaluate(tiny[family], task, tmp_path)
+    results = cli.model.last_results
+    out = tmp_path / "eval" / f"{task}-{results['split']}-1shot"
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["n_prompts"] == 4 and saved["kind"] == ("decoder" if family == "gpt2" else "encoder_decoder")
+    assert saved["score_name"] in saved["metrics"] and saved["score"] == saved["metrics"][saved["score_name"]]
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    prompts = [json.loads(line) for line in (out / f"prompts-{results['split']}.jsonl").read_text().splitlines()]
+    assert len(predictions) == len(prompts) == 4
+    assert [p["id"] for p in predictions] == [p["id"] for p in prompts]
+    for prompt in prompts:  # the demonstration is whole and is not the evaluated item
+        assert prompt["n_shots"] <= 1
+        if prompt["n_shots"] == 1:
+            demo, _, query = prompt["text"].rpartition(cli.datamodule.template.demo_separator)
+            assert demo and query and demo != query
+    assert "|" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "t5", "bart", "marian"])
+def test_fine_tune_released_checkpoint_then_evaluate_and_export(kind: str, tiny: dict[str, Path],
+                                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LMTRAIN_DATA_ROOT", str(Path(__file__).parent / "fixtures" / "tasks"))
+    task = str(Path(__file__).parent / "fixtures" / "tasks" / "capitals.yaml")
+    run = tmp_path / "run"
+    fit = finetune_cli(["fit", "--model.init", str(tiny[kind]), "--data.task", task, "--data.val_split", "test",
+                        "--data.batch_size", "2",
+                        "--data.max_eval_examples", "3", "--model.max_new_tokens", "4", "--model.lr", "1e-3",
+                        "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.log_every_n_steps", "1",
+                        "--trainer.default_root_dir", str(run), *QUIET])
+    assert fit.trainer.global_step == 4
+    assert {"train/loss", "val/score"} <= fit.trainer.callback_metrics.keys()
+    assert fit.trainer.callback_metrics["train/grad_norm"] > 0
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert "last.ckpt" in ckpts and any(n.startswith("step0000004-score") for n in ckpts), ckpts
+
+    # The fine-tuned checkpoint is a valid --model.init, and exports to an HF directory.
+    again = _evaluate(run / "checkpoints" / "last.ckpt", task, tmp_path / "eval", shots=0, n=3)
+    assert again.model.last_results["n_prompts"] == 3
+    from pretrain.export import export_checkpoint
+
+    out = export_checkpoint(str(run / "checkpoints" / "last.ckpt"), str(tmp_path / "hf"))
+    auto = AutoModelForCausalLM if kind == "gpt2" else AutoModelForSeq2SeqLM
+    exported = auto.from_pretrained(out).eval()
+    live = fit.model.model.eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    kwargs = {} if kind == "gpt2" else {"decoder_input_ids": ids}
+    assert torch.equal(exported(input_ids=ids, **kwargs).logits, live(input_ids=ids, **kwargs).logits)
+    assert AutoTokenizer.from_pretrained(out)("Paris")["input_ids"] == fit.model.tokenizer("Paris")["input_ids"]
+
+
+def test_decoder_labels_cover_only_the_completion_and_eos(tiny: dict[str, Path]) -> None:
+    from finetune.pretrained import load_pretrained
+
+    loaded = load_pretrained(str(tiny["gpt2"]))
+    data = FinetuneDataModule("tatoeba_en_fr")
+    data.tokenizer, data.kind, data.max_length = loaded.tokenizer, "decoder", 128
+    data.template = data.task.template("decoder")
+    row = {"source": "I am happy.", "target": "Je suis content."}
+    prompt, completion = data.template.render_prompt(row), data.template.render_completion(row)
+    batch = data.collate_train([{"prompt": prompt, "target": row["target"], "completion": completion},
+                                {"prompt": "English: Hi.\nFrench:", "target": "Salut.", "completion": " Salut."}])
+    tok = loaded.tokenizer
+    n_prompt = len(tok(prompt)["input_ids"])
+    expected = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    labels = batch["labels"][0]
+    assert (labels[:n_prompt] == IGNORE_INDEX).all()
+    assert labels[n_prompt : n_prompt + len(expected)].tolist() == expected
+    assert (labels[n_prompt + len(expected):] == IGNORE_INDEX).all()  # padding of the longer row's batch
+    assert batch["input_ids"][0, : n_prompt + len(expected)].tolist() == tok(prompt)["input_ids"] + expected
+    assert batch["attention_mask"].sum(1).tolist()[0] == n_prompt + len(expected)
+
+
+def test_seq2seq_labels_are_the_target_with_padding_ignored(tiny: dict[str, Path]) -> None:
+    from finetune.pretrained import load_pretrained
+
+    loaded = load_pretrained(str(tiny["t5"]))
+    data = FinetuneDataModule("tatoeba_en_fr")
+    data.tokenizer, data.kind, data.max_length = loaded.tokenizer, "encoder_decoder", 128
+    batch = data.collate_train([{"prompt": "translate: a", "target": "Je suis content.", "completion": ""},
+                                {"prompt": "translate: b", "target": "Oui.", "completion": ""}])
+    tok = loaded.tokenizer
+    assert batch["labels"][0].tolist() == tok(text_target="Je suis content.")["input_ids"]
+    short = tok(text_target="Oui.")["input_ids"]
+    assert batch["labels"][1, : len(short)].tolist() == short
+    assert (batch["labels"][1, len(short):] == IGNORE_INDEX).all()
+
+
+def test_prompts_longer_than_the_context_are_truncated_and_counted(tiny: dict[str, Path], data_root: Path,
+                                                                   tmp_path: Path) -> None:
+    cli = _evaluate(tiny["gpt2"], "dialogsum", tmp_path, "--data.max_length", "96", shots=2, n=4)
+    results = cli.model.last_results
+    assert results["n_truncated"] == 4  # dialogues are longer than 96 - 4 tokens even alone
+    assert results["shots_used_mean"] == 0.0 and results["shots_requested"] == 2
+    for item in cli.datamodule.eval_items["test"]:
+        assert item["n_tokens"] <= 96 - 4
+
+
+def test_resumed_fine_tuning_continues_the_run(tiny: dict[str, Path], tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LMTRAIN_DATA_ROOT", str(Path(__file__).parent / "fixtures" / "tasks"))
+    task = str(Path(__file__).parent / "fixtures" / "tasks" / "capitals.yaml")
+    args = ["fit", "--model.init", str(tiny["gpt2"]), "--data.task", task, "--data.val_split", "test", "--data.batch_size", "2",
+            "--data.max_eval_examples", "3", "--model.max_new_tokens", "2", "--trainer.val_check_interval", "2",
+            "--trainer.default_root_dir", str(tmp_path), "--trainer.accelerator", "cpu",
+            "--trainer.enable_progress_bar", "false"]
+    finetune_cli([*args, "--trainer.max_steps", "2"])
+    resumed = finetune_cli([*args, "--trainer.max_steps", "4", "--ckpt_path", "last"])
+    assert resumed.trainer.global_step == 4
+    ids = {p.name.rsplit("-", 1)[-1] for p in (tmp_path / "wandb").glob("offline-run-*")}
+    assert len(ids) == 1, ids
+
+
+def test_model_tokenizer_mismatch_is_refused(tiny: dict[str, Path], tmp_path: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    from tests.tiny_hf import tiny_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny["gpt2"])
+    model.resize_token_embeddings(100)  # fewer rows than the tokenizer has tokens
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer(tmp_path / "m")
+    with pytest.raises(SystemExit):
+        report_user_errors(lambda: _evaluate(tmp_path / "m", "tatoeba_en_fr", tmp_path / "run"))
+    assert "model/tokenizer mismatch" in capsys.readouterr().err
+
+
+def test_unknown_model_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        report_user_errors(lambda: _evaluate(tmp_path / "nothing-here", "tatoeba_en_fr", tmp_path / "run"))
+    assert "nothing-here" in capsys.readouterr().err
