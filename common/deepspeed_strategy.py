@@ -88,6 +88,23 @@ class ZeroStrategy(LightningDeepSpeedStrategy):
         engine.checkpoint_engine = _weights_only_checkpoint_engine(engine.checkpoint_engine)
         return engine, ds_optimizer
 
+    def _initialize_deepspeed_inference(self, model) -> None:
+        # validate/test/predict: Lightning's own deepspeed.initialize call, with the same device-rank fix.
+        import deepspeed
+
+        original = deepspeed.initialize
+
+        def initialize(*args, **kwargs):
+            if kwargs.get("args") is not None and kwargs["args"].device_rank is None:
+                kwargs["args"].device_rank = self.local_rank
+            return original(*args, **kwargs)
+
+        deepspeed.initialize = initialize
+        try:
+            super()._initialize_deepspeed_inference(model)
+        finally:
+            deepspeed.initialize = original
+
     # ---- one owner per setting --------------------------------------------------------------
     def _format_batch_size_and_grad_accum_config(self) -> None:
         if isinstance(self.config, dict) and self.lightning_module is not None:
@@ -95,6 +112,10 @@ class ZeroStrategy(LightningDeepSpeedStrategy):
                 if key in self.config:
                     raise ValueError(f"DeepSpeed config sets {key!r}: set {owner} instead (Lightning passes it "
                                      "to DeepSpeed; two places could disagree)")
+            if self.lightning_module.trainer.state.fn != TrainerFn.FITTING:
+                # Lightning would build the *train* loader just to read its batch size (DeepSpeed
+                # uses it for throughput logs only); evaluation may have no train split at all.
+                self.config.setdefault("train_micro_batch_size_per_gpu", 1)
         super()._format_batch_size_and_grad_accum_config()
 
     # ---- checkpoints ------------------------------------------------------------------------

@@ -8,6 +8,7 @@ runs reuse it.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -226,3 +227,37 @@ def test_deepspeed_config_may_not_restate_lightning_settings(runs: Runs) -> None
                   "--trainer.default_root_dir", str(runs.root / "bad4"))
     assert result.returncode == 2, _why(result)
     assert "DeepSpeed config sets 'gradient_clipping': set trainer.gradient_clip_val instead" in result.stderr
+
+
+# ---- evaluation on several processes -----------------------------------------------------------
+def _evaluate_subprocess(model: Path, run_dir: Path, *trainer: str) -> list[dict]:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+           "LMTRAIN_DATA_ROOT": str(REPO / "tests" / "fixtures" / "tasks")}
+    env.pop("WANDB_SERVICE", None)
+    task = REPO / "tests" / "fixtures" / "tasks" / "capitals.yaml"
+    args = [sys.executable, "-m", "finetune", "evaluate", "--model.init", str(model), "--data.task", str(task),
+            "--data.shots", "1", "--data.eval_batch_size", "1", "--model.max_new_tokens", "5",
+            "--trainer.logger", "false", "--trainer.default_root_dir", str(run_dir), *trainer]
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"finetune evaluate {trainer} hung")
+    assert proc.returncode == 0, err[-3000:]
+    out = run_dir / "eval" / "capitals-test-1shot" / "predictions.jsonl"
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("preset", ["ddp-cpu", "deepspeed-zero3-cpu"])
+def test_evaluate_on_two_processes_matches_one(preset: str, tmp_path: Path) -> None:
+    """Each rank generates for its shard (ZeRO-3: in lockstep); the gathered predictions are the
+    single-process ones, in the same order, without the sampler's padding duplicates."""
+    from tests.tiny_hf import save_tiny_model
+
+    model = save_tiny_model("gpt2", tmp_path / "gpt2")
+    single = _evaluate_subprocess(model, tmp_path / "one", "--trainer.accelerator", "cpu", "--trainer.devices", "1")
+    multi = _evaluate_subprocess(model, tmp_path / "two", "--config", str(PRESETS / f"{preset}.yaml"))
+    assert len(single) == 3  # rows 2: of the fixture: an odd count, so the sampler pads one rank
+    assert multi == single
