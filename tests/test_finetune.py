@@ -167,3 +167,14 @@ def test_unknown_model_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -
     with pytest.raises(SystemExit):
         report_user_errors(lambda: _evaluate(tmp_path / "nothing-here", "tatoeba_en_fr", tmp_path / "run"))
     assert "nothing-here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "t5"])
+def test_fit_fast_dev_run(kind: str, tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LMTRAIN_DATA_ROOT", str(Path(__file__).parent / "fixtures" / "tasks"))
+    task = str(Path(__file__).parent / "fixtures" / "tasks" / "capitals.yaml")
+    cli = finetune_cli(["fit", "--model.init", str(tiny[kind]), "--data.task", task, "--data.val_split", "test",
+                        "--data.batch_size", "2", "--model.max_new_tokens", "2", "--trainer.fast_dev_run", "2",
+                        "--trainer.default_root_dir", str(tmp_path), *QUIET])
+    assert cli.trainer.global_step == 2
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
