@@ -22,7 +22,10 @@ def main() -> None:
         print(__doc__)
         raise SystemExit(0 if command else 2)
     if command == "export":
+        from finetune.pretrained import _registered_configs
         from pretrain.export import main as export_main
+
+        _registered_configs()  # our RNN architecture must be known to the Auto classes
 
         report_user_errors(lambda: export_main(sys.argv[2:]))
     elif command == "submit":

@@ -29,6 +29,12 @@ from finetune.tasks import TaskConfig, load_split, load_task
 IGNORE_INDEX = -100  # label value cross-entropy skips
 
 
+def _end_with_eos(ids: list[int], eos: int, max_len: int) -> list[int]:
+    """``ids`` cut to ``max_len`` tokens, the last being EOS."""
+    ids = ids[:max_len]
+    return ids if ids and ids[-1] == eos else ids[: max_len - 1] + [eos]
+
+
 class FinetuneDataModule(LightningDataModule):
     """A task's splits as batches, tokenized with the model's own tokenizer.
 
@@ -84,6 +90,8 @@ class FinetuneDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Take the tokenizer and model kind from the system, then render the needed splits."""
         system = self.trainer.lightning_module
+        if getattr(system, "model", None) is None:  # model.scratch: tokenizer and model need the task
+            system.build_from_scratch(self.task, self.splits["train"])
         self.tokenizer, self.kind = system.tokenizer, system.kind
         self.template = self.task.template(self.kind)
         if self.max_length is None:
@@ -160,9 +168,13 @@ class FinetuneDataModule(LightningDataModule):
         if self.kind == "encoder_decoder":
             enc = tok([r["prompt"] for r in rows], truncation=True, max_length=self.max_length, padding=True,
                       return_tensors="pt")
-            labels = tok(text_target=[r["target"] for r in rows], truncation=True, max_length=self.max_target_length,
-                         padding=True, return_tensors="pt")
-            label_ids = labels["input_ids"].masked_fill(labels["attention_mask"] == 0, IGNORE_INDEX)  # (B, T_out)
+            targets = tok(text_target=[r["target"] for r in rows])["input_ids"]
+            # T5/BART/Marian tokenizers end targets with EOS; a plain BPE trained from scratch does
+            # not, and a model that never sees EOS never learns to stop.
+            targets = [_end_with_eos(t, tok.eos_token_id, self.max_target_length) for t in targets]
+            label_ids = torch.full((len(rows), max(map(len, targets))), IGNORE_INDEX, dtype=torch.long)  # (B, T_out)
+            for i, t in enumerate(targets):
+                label_ids[i, : len(t)] = torch.tensor(t)
             return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": label_ids}
         sequences, label_lists = [], []
         for r in rows:

@@ -45,6 +45,7 @@ def _is_lmtrain_checkpoint(path: Path) -> bool:
 
 def load_pretrained(init: str) -> Pretrained:
     """Model + tokenizer from an lmtrain checkpoint, an HF directory or a hub name (see module doc)."""
+    _registered_configs()
     path = Path(init).expanduser()
     if path.exists() and _is_lmtrain_checkpoint(path):
         from common.tokenizer import tokenizer_from_files
@@ -99,3 +100,62 @@ def freeze_fixed_position_tables(model: PreTrainedModel) -> None:
     for module in model.modules():
         if type(module).__name__.endswith("SinusoidalPositionalEmbedding"):
             module.requires_grad_(False)
+
+
+def _registered_configs() -> None:
+    """Our own architectures (the RNN seq2seq baselines) register with the Auto classes on import."""
+    try:
+        import finetune.rnn  # noqa: F401
+    except ImportError:  # the package is optional for pretrained-only use
+        pass
+
+
+def scratch_kind(scratch: dict[str, Any]) -> ModelKind:
+    """The kind of the model ``scratch`` describes; validates the config (unknown options, values)."""
+    _registered_configs()
+    options = dict(scratch)
+    model_type = options.pop("model_type", None)
+    if not model_type:
+        raise ValueError("model.scratch needs a model_type (e.g. rnn_seq2seq, t5, bart, gpt2)")
+    try:
+        config = AutoConfig.for_model(model_type, **options)
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"model.scratch: {e}") from None
+    return model_kind(config)
+
+
+def scratch_tokenizer(name: str | None, task: Any, train_split: str, vocab_size: int, trainer: Any) -> Any:
+    """An existing tokenizer, or a byte-level BPE trained on the task's train split (source and
+    target texts) and saved in ``<run dir>/tokenizer``, so a resumed run reuses exactly the same."""
+    from common.tokenizer import load_tokenizer, train_bpe_tokenizer
+    from finetune.tasks import load_split
+
+    if name is not None:
+        return load_tokenizer(name)
+    out = Path(trainer.default_root_dir) / "tokenizer"
+    if trainer.is_global_zero and not (out / "tokenizer.json").is_file():
+        rows = load_split(task, train_split)
+        texts = (text for row in rows for text in (row["source"], row["target"]))
+        train_bpe_tokenizer(texts, vocab_size, out, length=2 * len(rows))
+    trainer.strategy.barrier("scratch_tokenizer")
+    return AutoTokenizer.from_pretrained(out)
+
+
+def build_scratch_model(scratch: dict[str, Any], tokenizer: Any) -> PreTrainedModel:
+    """A freshly initialised model of config ``scratch`` sized to ``tokenizer``."""
+    _registered_configs()
+    options = dict(scratch)
+    model_type = options.pop("model_type")
+    ids = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+           "eos_token_id": tokenizer.eos_token_id,
+           "bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id}
+    config = AutoConfig.for_model(model_type, **{**ids, **options})
+    if model_kind(config) == "encoder_decoder":
+        if getattr(config, "decoder_start_token_id", None) is None:
+            config.decoder_start_token_id = tokenizer.pad_token_id  # as T5: the pad id starts decoding
+        model = AutoModelForSeq2SeqLM.from_config(config)
+    else:
+        model = AutoModelForCausalLM.from_config(config)
+    prepare_tokenizer(tokenizer, model)
+    freeze_fixed_position_tables(model)
+    return model

@@ -22,7 +22,7 @@ from common.gradient_clipping import GradientClipping
 from common.optim import build_adamw, build_warmup_cosine
 from common.tokenizer import tokenizer_to_files
 from finetune.metrics import compute_metrics
-from finetune.pretrained import load_pretrained
+from finetune.pretrained import build_scratch_model, load_pretrained, scratch_kind, scratch_tokenizer
 from finetune.prompts import strip_completion
 
 PRIMARY_METRIC = {"bleu_chrf": "bleu", "rouge": "rougeL", "squad": "f1"}
@@ -34,6 +34,11 @@ class FinetuneSystem(GradientClipping, LightningModule):
     Args:
         init: Our pretraining checkpoint (.ckpt, ZeRO dir, run dir), a Hugging Face model
             directory, or a hub name (gpt2, t5-small, facebook/bart-base, Helsinki-NLP/opus-mt-en-fr).
+        scratch: Instead of ``init``: the HF config of a model trained from scratch, e.g.
+            ``{model_type: rnn_seq2seq, cell: gru, attention: bahdanau}`` or ``{model_type: t5, d_model: 256}``.
+        tokenizer: With ``scratch``: an existing tokenizer (path or hub name); None trains a
+            byte-level BPE on the task's train split (saved in <run dir>/tokenizer, reused on resume).
+        tokenizer_vocab_size: Vocabulary of that trained BPE.
         lr: Peak learning rate.
         min_lr_ratio: Final LR as a fraction of ``lr`` (cosine decay over trainer.max_steps).
         warmup_steps: Linear warmup steps.
@@ -45,7 +50,10 @@ class FinetuneSystem(GradientClipping, LightningModule):
 
     def __init__(
         self,
-        init: str,
+        init: str | None = None,
+        scratch: dict[str, Any] | None = None,
+        tokenizer: str | None = None,
+        tokenizer_vocab_size: int = 8000,
         lr: float = 1e-4,
         min_lr_ratio: float = 0.1,
         warmup_steps: int = 0,
@@ -57,12 +65,29 @@ class FinetuneSystem(GradientClipping, LightningModule):
         super().__init__()
         if num_beams < 1:
             raise ValueError(f"model.num_beams must be >= 1, got {num_beams}")
+        if (init is None) == (scratch is None):
+            raise ValueError("give exactly one of model.init (a pretrained model) and model.scratch (a config "
+                             "to train from scratch)")
         self.save_hyperparameters()
-        loaded = load_pretrained(init)
-        self.model, self.tokenizer, self.kind = loaded.model, loaded.tokenizer, loaded.kind
+        self.model: Any = None
+        self.tokenizer: Any = None
+        if init is not None:
+            loaded = load_pretrained(init)
+            self.model, self.tokenizer, self.kind = loaded.model, loaded.tokenizer, loaded.kind
+        else:
+            self.kind = scratch_kind(scratch)  # also validates the config before any work
         self._predictions: list[tuple[int, str]] = []
         self.last_results: dict[str, Any] = {}
         self._rng_to_restore: dict | None = None
+
+    def build_from_scratch(self, task: Any, train_split: str) -> None:
+        """Tokenizer and freshly initialised model for ``model.scratch`` (the data module calls this
+        in its set-up, because a trained tokenizer needs the task's data)."""
+        if self.model is not None:
+            return
+        self.tokenizer = scratch_tokenizer(self.hparams.tokenizer, task, train_split,
+                                           self.hparams.tokenizer_vocab_size, self.trainer)
+        self.model = build_scratch_model(self.hparams.scratch, self.tokenizer)
 
     # ---- training -----------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -119,8 +119,10 @@ def test_seq2seq_labels_are_the_target_with_padding_ignored(tiny: dict[str, Path
     batch = data.collate_train([{"prompt": "translate: a", "target": "Je suis content.", "completion": ""},
                                 {"prompt": "translate: b", "target": "Oui.", "completion": ""}])
     tok = loaded.tokenizer
-    assert batch["labels"][0].tolist() == tok(text_target="Je suis content.")["input_ids"]
-    short = tok(text_target="Oui.")["input_ids"]
+    eos = [tok.eos_token_id]  # this byte-level BPE adds no EOS itself; the labels must end with one
+    assert tok(text_target="Oui.")["input_ids"][-1] != tok.eos_token_id
+    assert batch["labels"][0].tolist() == tok(text_target="Je suis content.")["input_ids"] + eos
+    short = tok(text_target="Oui.")["input_ids"] + eos
     assert batch["labels"][1, : len(short)].tolist() == short
     assert (batch["labels"][1, len(short):] == IGNORE_INDEX).all()
 
