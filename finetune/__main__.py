@@ -5,6 +5,7 @@
   fit       fine-tune --model.init on --data.task, best checkpoint by the task metric
   validate  score a model (or --ckpt_path) on the task's validation split
   export    write a Hugging Face model directory from a fine-tuning checkpoint
+  attention plot source x target attention of a seq2seq model for chosen examples (PNG)
   submit    run fit as a SLURM batch job that resumes after requeue (python -m finetune submit --help)
 """
 
@@ -28,6 +29,12 @@ def main() -> None:
         _registered_configs()  # our RNN architecture must be known to the Auto classes
 
         report_user_errors(lambda: export_main(sys.argv[2:]))
+    elif command == "attention":
+        from jsonargparse import CLI
+
+        from finetune.attention_plots import main as attention_main
+
+        report_user_errors(lambda: CLI(attention_main, args=sys.argv[2:], as_positional=False))
     elif command == "submit":
         from common.slurm_submit import main as submit_main
 

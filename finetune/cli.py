@@ -14,6 +14,7 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningArgumentParser
 
 from common.run_cli import RunCLI
+from finetune.attention_plots import AttentionPlots
 from finetune.data import FinetuneDataModule
 from finetune.results import log_wandb_table, write_results
 from finetune.system import FinetuneSystem
@@ -28,6 +29,7 @@ class FinetuneCLI(RunCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         super().add_arguments_to_parser(parser)
+        parser.add_lightning_class_args(AttentionPlots, "attention_plots")  # encoder-decoders, each validation
         parser.set_defaults({"trainer.default_root_dir": "runs/finetune", "trainer.max_steps": 1000,
                              "trainer.val_check_interval": 250, "trainer.num_sanity_val_steps": 0})
         # Generation length is one setting: the data module keeps room for it in the context.
