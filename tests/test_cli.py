@@ -142,7 +142,7 @@ def test_no_room_for_sentinels_is_refused(tmp_path: Path, capsys: pytest.Capture
 
 def test_activation_checkpointing_switch_gives_the_same_loss(tmp_path: Path) -> None:
     """Recomputing activations in backward changes memory, not the maths: same losses, same grads."""
-    config = write_run_config(tmp_path, max_steps=2, val_every=2)
+    config = write_run_config(tmp_path, max_steps=4, val_every=4)
     common = ["fit", "--config", str(config), "--model.init_args.arch.dropout", "0.0", "--trainer.logger", "false"]
     plain = pretrain_cli([*common, "--trainer.default_root_dir", str(tmp_path / "plain")])
     ckpt = pretrain_cli([*common, "--trainer.default_root_dir", str(tmp_path / "ckpt"),
