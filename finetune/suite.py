@@ -1,0 +1,208 @@
+"""The task suite: zero-/few-shot and fine-tuned scores of models on translation, summarization, QA.
+
+For every model and task: evaluate 0-, 1- and 5-shot on the task's test split, fine-tune with a
+fixed step budget (best checkpoint by ``val/score``), evaluate that checkpoint 0-shot on the same
+test items. Every run is the public CLI, in-process (``finetune.cli.main``), exactly what
+``python -m finetune evaluate|fit`` would do; each run's files stay under ``out_dir``:
+
+    <out_dir>/<model>/<task>/eval/<task>-test-<k>shot/       results.json, predictions.jsonl, prompts
+    <out_dir>/<model>/<task>/finetune/checkpoints/           the fine-tuning run
+    <out_dir>/<model>/<task>/finetune/eval/<task>-test-0shot/ the fine-tuned model's scores
+
+Used by ``scripts/main_job.py`` (README command 1) and ``benchmarks/task_scores.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from finetune.cli import main as _cli_main
+
+
+def finetune_cli(args: list[str]):
+    """``finetune.cli.main(args)``, without LightningCLI's warning that the script's own argv is ignored."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        return _cli_main(args)
+
+
+@dataclass(frozen=True)
+class SuiteTask:
+    """One task of the suite and the splits/lengths it is run with."""
+
+    name: str
+    max_new_tokens: int
+    train_split: str = "train"
+    val_split: str = "validation"  # scored during fine-tuning: selects the best checkpoint
+    test_split: str = "test"
+
+
+# SQuAD ships only its dev set here (configs/tasks/squad.yaml): fine-tune on part-00 (`validation`)
+# and score on part-01 (`test`, other articles). Checkpoints are then selected on held-in questions
+# of part-00, never on the scored split.
+TASKS = (
+    SuiteTask("tatoeba_en_fr", max_new_tokens=32),
+    SuiteTask("dialogsum", max_new_tokens=48),
+    SuiteTask("squad", max_new_tokens=16, train_split="validation", val_split="validation"),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How much work each cell of the table gets (the same for every model and task)."""
+
+    eval_examples: int = 100          # test items per score (a seeded subset, the same for every setting)
+    shots: tuple[int, ...] = (0, 1, 5)
+    finetune_steps: int = 200         # fixed optimizer-step budget per (model, task)
+    val_examples: int = 50            # validation items scored during fine-tuning
+    val_every: int = 100              # validate + checkpoint every this many steps
+    batch_size: int = 8
+    lr: float = 1e-3                  # tiny models from scratch: a high LR learns in a few hundred steps
+    warmup_steps: int = 20
+    max_train_examples: int | None = None
+    seed: int = 1234
+    wandb_finetune: bool = True       # fine-tuning runs log to W&B (offline unless logged in); evals do not
+
+
+QUICK = Settings(eval_examples=20, finetune_steps=30, val_examples=10, val_every=15)
+
+
+@dataclass(frozen=True)
+class Model:
+    """A model to score: a name for the table, ``--model.init``, and CLI arguments of its own."""
+
+    name: str
+    init: str
+    args: tuple[str, ...] = ()  # e.g. ("--data.max_length", "512")
+
+
+@dataclass
+class Row:
+    model: str
+    task: str
+    setting: str        # "0-shot", "1-shot", "5-shot", "fine-tuned"
+    metric: str         # the primary metric's name (bleu, rougeL, f1)
+    score: float
+    metrics: dict[str, float]
+    n: int              # scored test items
+    shots_used_mean: float
+    n_truncated: int    # prompts whose source/context was cut to fit the context
+    n_empty: int        # empty predictions
+    wall_s: float       # evaluation (fine-tuned: fine-tuning + evaluation)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _common_args(model: Model, task: SuiteTask, settings: Settings, root: Path) -> list[str]:
+    return ["--model.init", model.init, "--data.task", task.name, "--model.max_new_tokens", str(task.max_new_tokens),
+            "--seed_everything", str(settings.seed), "--data.seed", str(settings.seed),
+            "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", *model.args]
+
+
+def evaluate(model: Model, task: SuiteTask, settings: Settings, shots: int, root: Path, setting: str) -> Row:
+    """``python -m finetune evaluate`` on the task's test split; one row of the table."""
+    started = time.time()
+    cli = finetune_cli(["test", *_common_args(model, task, settings, root), "--data.shots", str(shots),
+                        "--data.test_split", task.test_split, "--data.max_eval_examples", str(settings.eval_examples),
+                        "--trainer.logger", "false"])
+    r = cli.model.last_results
+    metrics = {k: float(v) for k, v in r["metrics"].items() if isinstance(v, float)}
+    return Row(model.name, task.name, setting, r["score_name"], float(r["score"]), metrics, r["n_prompts"],
+               float(r["shots_used_mean"]), int(r["n_truncated"]), int(r["metrics"]["n_empty_predictions"]),
+               time.time() - started)
+
+
+def finetune(model: Model, task: SuiteTask, settings: Settings, root: Path) -> Row:
+    """``python -m finetune fit`` with a fixed step budget, then evaluate the best checkpoint 0-shot."""
+    started = time.time()
+    shutil.rmtree(root, ignore_errors=True)  # a fresh run: no checkpoints of an earlier one to pick from
+    logger = [] if settings.wandb_finetune else ["--trainer.logger", "false"]
+    cli = finetune_cli(["fit", *_common_args(model, task, settings, root), *logger,
+                        "--data.train_split", task.train_split, "--data.val_split", task.val_split,
+                        "--data.batch_size", str(settings.batch_size),
+                        "--data.max_eval_examples", str(settings.val_examples),
+                        *(["--data.max_train_examples", str(settings.max_train_examples)]
+                          if settings.max_train_examples else []),
+                        "--model.lr", str(settings.lr), "--model.warmup_steps", str(settings.warmup_steps),
+                        "--trainer.max_steps", str(settings.finetune_steps),
+                        "--trainer.val_check_interval", str(settings.val_every),
+                        "--checkpoint.save_top_k", "1"])
+    callback = cli.trainer.checkpoint_callback
+    best, fit_s = callback.best_model_path, time.time() - started
+    if not best:
+        raise RuntimeError(f"fine-tuning {model.name} on {task.name} saved no best checkpoint under {root}")
+    tuned = replace(model, init=best)
+    row = evaluate(tuned, task, settings, 0, root, "fine-tuned")
+    row.model, row.wall_s = model.name, time.time() - started
+    row.extra = {"checkpoint": best, "best_val_score": float(callback.best_model_score),
+                 "steps": settings.finetune_steps, "fit_s": fit_s}
+    return row
+
+
+def run_suite(models: list[Model], out_dir: str | Path, settings: Settings = Settings(),
+              tasks: tuple[SuiteTask, ...] = TASKS, log: Callable[[str], None] = print) -> list[Row]:
+    """Every (model, task): k-shot evaluations for k in ``settings.shots``, then fine-tune + evaluate."""
+    rows: list[Row] = []
+    for model in models:
+        for task in tasks:
+            root = Path(out_dir) / model.name / task.name
+            for k in settings.shots:
+                rows.append(evaluate(model, task, settings, k, root, f"{k}-shot"))
+                log(_progress(rows[-1]))
+            rows.append(finetune(model, task, settings, root / "finetune"))
+            log(_progress(rows[-1]))
+    return rows
+
+
+def _progress(row: Row) -> str:
+    return (f"[suite] {row.model} {row.task} {row.setting}: {scores_text(row)} "
+            f"(n={row.n}, shots used {row.shots_used_mean:.2f}, {row.wall_s:.0f} s)")
+
+
+# ---- tables -------------------------------------------------------------------------------------
+SHOWN = {"bleu": "BLEU", "chrf": "chrF", "rouge1": "R-1", "rouge2": "R-2", "rougeL": "R-L",
+         "exact_match": "EM", "f1": "F1"}
+
+
+def scores_text(row: Row) -> str:
+    """The task's reported scores, e.g. ``BLEU 1.23 / chrF 17.1``."""
+    return " / ".join(f"{label} {row.metrics[key]:.2f}" for key, label in SHOWN.items() if key in row.metrics)
+
+
+def markdown_table(rows: list[Row]) -> str:
+    """Every row: model, task, setting, scores, items, shots used, truncated/empty, wall time."""
+    lines = ["| model | task | setting | scores | n | shots used (mean) | truncated | empty | wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.model} | {r.task} | {r.setting} | {scores_text(r)} | {r.n} | {r.shots_used_mean:.2f} "
+                     f"| {r.n_truncated} | {r.n_empty} | {r.wall_s:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def headline_table(rows: list[Row]) -> str:
+    """One line per (model, task, metric), one column per setting: the figures at a glance."""
+    settings = list(dict.fromkeys(r.setting for r in rows))
+    cells: dict[tuple[str, str], dict[str, Row]] = {}
+    for r in rows:
+        cells.setdefault((r.model, r.task), {})[r.setting] = r
+    lines = ["| model | task | metric | " + " | ".join(settings) + " |", "|---|---|---|" + "---|" * len(settings)]
+    for (model, task), by_setting in cells.items():
+        keys = [k for k in SHOWN if k in next(iter(by_setting.values())).metrics]
+        for key in keys:
+            values = [f"{by_setting[s].metrics[key]:.2f}" if s in by_setting else "" for s in settings]
+            lines.append(f"| {model} | {task} | {SHOWN[key]} | " + " | ".join(values) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def rows_as_dicts(rows: list[Row]) -> list[dict[str, Any]]:
+    return [asdict(r) for r in rows]
+
+
+def all_finite(rows: list[Row]) -> bool:
+    return all(math.isfinite(r.score) and all(math.isfinite(v) for v in r.metrics.values()) for r in rows)

@@ -1,0 +1,38 @@
+"""finetune.suite end to end on tiny random HF models: every (model, task, setting) row, finite scores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from finetune.suite import TASKS, Model, Settings, all_finite, headline_table, markdown_table, run_suite
+from tests.tiny_hf import save_tiny_model
+
+
+def test_suite_rows_for_every_model_task_and_setting(tmp_path: Path, data_root: Path) -> None:
+    models = [Model("gpt", str(save_tiny_model("gpt2", tmp_path / "gpt"))),
+              Model("t5", str(save_tiny_model("t5", tmp_path / "t5")))]
+    settings = Settings(eval_examples=4, finetune_steps=2, val_examples=4, val_every=2, batch_size=2,
+                        max_train_examples=16, wandb_finetune=False)
+    rows = run_suite(models, tmp_path / "suite", settings, log=lambda _: None)
+
+    expected = [(m.name, t.name, s) for m in models for t in TASKS for s in ("0-shot", "1-shot", "5-shot", "fine-tuned")]
+    assert [(r.model, r.task, r.setting) for r in rows] == expected
+    assert all_finite(rows)
+    assert all(r.n == 4 and r.wall_s > 0 for r in rows)
+    assert {r.metric for r in rows} == {"bleu", "rougeL", "f1"}
+    for r in rows:
+        assert set(r.metrics) >= {"bleu": {"bleu", "chrf"}, "rougeL": {"rouge1", "rouge2", "rougeL"},
+                                  "f1": {"exact_match", "f1"}}[r.metric]
+        if r.setting == "0-shot":
+            assert r.shots_used_mean == 0
+    tuned = [r for r in rows if r.setting == "fine-tuned"]
+    assert all(Path(r.extra["checkpoint"]).is_file() and r.extra["steps"] == 2 for r in tuned)
+    # the fine-tuned scores come from the fine-tuning run's own evaluation directory
+    assert (tmp_path / "suite" / "t5" / "squad" / "finetune" / "eval" / "squad-test-0shot" / "results.json").is_file()
+
+    table = markdown_table(rows)
+    assert table.count("\n") == 2 + len(expected)
+    assert "| gpt | tatoeba_en_fr | 5-shot | BLEU" in table
+    headline = headline_table(rows)
+    assert "| model | task | metric | 0-shot | 1-shot | 5-shot | fine-tuned |" in headline
+    assert headline.count("\n") == 2 + 2 * (2 + 3 + 2)  # BLEU+chrF, R-1/2/L, EM+F1 per model
