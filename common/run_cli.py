@@ -22,6 +22,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from common.checkpoint_io import AtomicCheckpointIO, load_checkpoint_file
 from common.global_batch import GlobalBatchLogger
 from common.slurm import check_slurm_allocation, hpc_checkpoints, newest_checkpoint, resume_candidates
+from lightning.pytorch.loggers import WandbLogger
+
 from common.wandb_logger import WandbRunIdCallback, resume_wandb_run
 
 
@@ -119,6 +121,16 @@ class RunCLI(LightningCLI):
             run_id = resume_wandb_run(self.trainer.loggers, load_checkpoint_file(resolved))
             if run_id:
                 print(f"Resuming W&B run {run_id} from {resolved}")
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        finally:
+            # Lightning leaves the W&B run open, and the next WandbLogger in this process would log
+            # into it (the main job runs several CLIs in one process): close it here.
+            for logger in self.trainer.loggers:
+                if isinstance(logger, WandbLogger) and logger._experiment is not None:
+                    logger.experiment.finish()
 
     def _resolve_ckpt_path(self, ckpt_path: str | None) -> Path | None:
         """"last": the newest of checkpoints/last.ckpt and <run>/hpc_ckpt_*.ckpt (a SLURM requeue after

@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from common.resumable_loader import ResumableDataLoader, ResumableShuffleSampler, batches_done_on_resume
 from finetune.few_shot import BuiltPrompt, build_prompt, sample_demonstrations
 from finetune.tasks import TaskConfig, load_split, load_task
 
@@ -149,8 +150,13 @@ class FinetuneDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rows = [{"prompt": self.template.render_prompt(r), "target": self.template.render_target(r),
                  "completion": self.template.render_completion(r)} for r in self.train_rows]
-        return DataLoader(rows, batch_size=self.batch_size, shuffle=True, collate_fn=self.collate_train,
-                          num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed))
+        trainer = self.trainer
+        sampler = ResumableShuffleSampler(rows, self.batch_size, trainer.world_size, trainer.global_rank, self.seed)
+        sampler.resume(*batches_done_on_resume(trainer))  # exact mid-epoch position after a restart
+        state = {"task": self.task.name, "seed": self.seed, "batch_size": self.batch_size,
+                 "world_size": trainer.world_size, "n_train": len(rows)}
+        return ResumableDataLoader(rows, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate_train,
+                                   num_workers=self.num_workers, drop_last=True, loader_state=state)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

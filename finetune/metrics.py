@@ -150,6 +150,9 @@ def _bleu_chrf(predictions: list[str], references: list[list[str]], lang: str) -
         "chrf": chrf_score.score,
         "bleu_signature": str(bleu.get_signature()),
         "chrf_signature": str(chrf.get_signature()),
+        # Whole-output accuracy: equal to a reference up to surrounding/repeated whitespace.
+        "exact_match": 100.0 * sum(" ".join(p.split()) in {" ".join(r.split()) for r in refs}
+                                   for p, refs in zip(predictions, references)) / len(predictions),
     }
 
 

@@ -115,11 +115,14 @@ class FinetuneSystem(GradientClipping, LightningModule):
         template = self.trainer.datamodule.template
         tok = self.tokenizer
         synced = bool(getattr(self.trainer.strategy, "zero_stage_3", False)) and self.trainer.world_size > 1
+        # Stop strings matter for decoder-only models continuing a prompt; seq2seq targets end at EOS
+        # (the stop strings are still cut from the text below).
+        stop = template.stop if self.kind == "decoder" else []
         out = self.model.generate(
             input_ids=input_ids, attention_mask=attention_mask, do_sample=False, num_beams=self.hparams.num_beams,
             length_penalty=self.hparams.length_penalty, max_new_tokens=self.hparams.max_new_tokens,
             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-            stop_strings=template.stop or None, tokenizer=tok if template.stop else None,
+            **({"stop_strings": stop, "tokenizer": tok} if stop else {}),
             synced_gpus=synced,  # ZeRO-3: weights are gathered collectively on every step
         )  # (B, T_prompt + new) for decoder-only, (B, 1 + new) for encoder-decoder
         new = out[:, input_ids.shape[1]:] if self.kind == "decoder" else out

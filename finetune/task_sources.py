@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BUILDER_FORMATS = ("csv", "json", "parquet", "text")
-FORMATS = (*BUILDER_FORMATS, "text_parallel", "squad_json")
+FORMATS = (*BUILDER_FORMATS, "text_parallel", "squad_json", "reverse_sequence")
 _EXT_FORMAT = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
                ".txt": "text"}
 
@@ -159,6 +159,11 @@ def read_split(task: TaskConfig, name: str, sp: TaskSplit) -> tuple[Any, str, bo
     ``hub_split``; an error naming both otherwise.
     """
     where = f"task {task.name!r} split {name!r}"
+    if task.format == "reverse_sequence":
+        from finetune.reverse_task import reverse_sequence_split
+
+        raw = reverse_sequence_split(sp.generate["n"], sp.generate.get("seed", 0), **task.load_kwargs)
+        return raw, f"generated ({sp.generate})", True
     listed = [sp.local] if isinstance(sp.local, str) else list(sp.local or [])
     entries = sp.local if isinstance(sp.local, dict) else {e: e for e in listed}
     expanded = {key: expand_local(e) for key, e in entries.items()}

@@ -80,6 +80,7 @@ class TaskSplit:
         local_columns: overrides of the task's ``columns`` for this split's local files (DialogSum
             test has summary1..3 where train has summary).
         local_references: override of ``references`` for this split's local files.
+        generate: format reverse_sequence only: ``{n: rows, seed: seed}`` of the generated split.
     """
 
     local: str | list[str] | dict[str, str] | None = None
@@ -87,6 +88,7 @@ class TaskSplit:
     rows: str | None = None
     local_columns: dict[str, str] = field(default_factory=dict)
     local_references: str | list[str] | None = None
+    generate: dict[str, int] | None = None
 
 
 @dataclass
@@ -181,6 +183,11 @@ def _validate(task: TaskConfig) -> None:
     if not task.splits:
         raise ValueError(f"{where}: `splits` is empty; declare at least one split")
     for name, sp in task.splits.items():
+        if task.format == "reverse_sequence":
+            if not sp.generate or set(sp.generate) - {"n", "seed"} or "n" not in sp.generate:
+                raise ValueError(f"{where}: splits.{name}.generate must be {{n: <rows>, seed: <int>}} for a "
+                                 f"generated task (got {sp.generate!r})")
+            continue
         if sp.local is None and not (task.hub and sp.hub_split):
             raise ValueError(f"{where}: splits.{name} has neither `local` nor (`hub` and `hub_split`)")
         if (task.format == "text_parallel") != isinstance(sp.local, dict) and sp.local is not None:

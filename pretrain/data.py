@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from common.resumable_loader import ResumableDataLoader
 from pretrain.corpus import CorpusConfig, prepare_corpus
 from pretrain.shards import ContiguousBlocks, RandomBlocks, ResumableBlockSampler, TokenStream, load_manifest
 from pretrain.span_corruption import (
@@ -17,38 +18,6 @@ from pretrain.span_corruption import (
 )
 
 Objective = Literal["causal_lm", "span_corruption"]
-
-
-class ResumableDataLoader(DataLoader):
-    """A DataLoader with ``state_dict`` / ``load_state_dict``, so Lightning treats it as resumable.
-
-    The position inside the epoch is restored by the sampler (see
-    :meth:`PretrainDataModule.train_dataloader`); the state only records what the block sequence
-    depends on, and loading it refuses a checkpoint whose sequence would differ.
-    """
-
-    def __init__(self, *args: Any, loader_state: dict[str, Any], **kwargs: Any) -> None:
-        """A DataLoader that also carries ``loader_state``.
-
-        Args:
-            args: positional DataLoader arguments.
-            loader_state: the settings the block sequence depends on (checked on resume).
-            kwargs: keyword DataLoader arguments.
-        """
-        super().__init__(*args, **kwargs)
-        self.loader_state = dict(loader_state)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The settings the block sequence depends on (seed, block size, batch size, world size, objective, ...)."""
-        return dict(self.loader_state)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Check a checkpoint's settings match ours; resuming with others would not be exact."""
-        state_dict = {"objective": "causal_lm", **state_dict}  # checkpoints from before span corruption
-        diff = {k: (v, self.loader_state.get(k)) for k, v in state_dict.items() if self.loader_state.get(k) != v}
-        if diff:
-            raise ValueError("cannot resume the train dataloader exactly: settings differ from the checkpoint "
-                             + ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items()))
 
 
 class PretrainDataModule(L.LightningDataModule):
@@ -172,7 +141,8 @@ class PretrainDataModule(L.LightningDataModule):
             state.update(noise_density=self.noise_density, mean_noise_span_length=self.mean_noise_span_length,
                          num_sentinels=self.num_sentinels)
         return ResumableDataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                                   pin_memory=torch.cuda.is_available(), drop_last=True, loader_state=state)
+                                   pin_memory=torch.cuda.is_available(), drop_last=True, loader_state=state,
+                                   state_defaults={"objective": "causal_lm"})  # checkpoints from before T5
 
     def val_dataloader(self) -> DataLoader:
         """Consecutive non-overlapping blocks covering the validation split, in order (fixed masks)."""

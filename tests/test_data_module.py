@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from pretrain.corpus import CorpusConfig, CorpusSource
-from pretrain.data import PretrainDataModule, ResumableDataLoader
+from common.resumable_loader import ResumableDataLoader
+from pretrain.data import PretrainDataModule
 from pretrain.prepare import main as prepare_main
 
 REPO = Path(__file__).resolve().parent.parent

@@ -137,18 +137,32 @@ def test_prompts_longer_than_the_context_are_truncated_and_counted(tiny: dict[st
         assert item["n_tokens"] <= 96 - 4
 
 
-def test_resumed_fine_tuning_continues_the_run(tiny: dict[str, Path], tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_fine_tuning_resumes_exactly(tiny: dict[str, Path], tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Interrupted after step 2 and resumed with --ckpt_path last, a run ends with the weights of an
+    uninterrupted one (same data order mid-epoch, same dropout RNG) and continues its W&B run."""
     monkeypatch.setenv("LMTRAIN_DATA_ROOT", str(Path(__file__).parent / "fixtures" / "tasks"))
     task = str(Path(__file__).parent / "fixtures" / "tasks" / "capitals.yaml")
-    args = ["fit", "--model.init", str(tiny["gpt2"]), "--data.task", task, "--data.val_split", "test", "--data.batch_size", "2",
-            "--data.max_eval_examples", "3", "--model.max_new_tokens", "2", "--trainer.val_check_interval", "2",
-            "--trainer.default_root_dir", str(tmp_path), "--trainer.accelerator", "cpu",
-            "--trainer.enable_progress_bar", "false"]
-    finetune_cli([*args, "--trainer.max_steps", "2"])
-    resumed = finetune_cli([*args, "--trainer.max_steps", "4", "--ckpt_path", "last"])
+
+    def fit(run: Path, *extra: str):
+        return finetune_cli(["fit", "--model.init", str(tiny["gpt2"]), "--data.task", task, "--data.val_split", "test",
+                             "--data.batch_size", "1", "--data.max_eval_examples", "2", "--model.max_new_tokens", "2",
+                             "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
+                             "--trainer.default_root_dir", str(run), "--trainer.accelerator", "cpu",
+                             "--trainer.enable_progress_bar", "false", *extra])
+
+    straight = fit(tmp_path / "straight").model.model.state_dict()
+    stop = tmp_path / "stop.yaml"
+    stop.write_text("trainer:\n  callbacks:\n    - class_path: tests.tiny_run.InterruptAtStep\n"
+                    "      init_args: {step: 2}\n")
+    with pytest.raises(SystemExit):  # Lightning shuts down gracefully on Ctrl-C, then exits 1
+        fit(tmp_path / "resumed", "--config", str(stop))
+    assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    resumed = fit(tmp_path / "resumed", "--ckpt_path", "last")
     assert resumed.trainer.global_step == 4
-    ids = {p.name.rsplit("-", 1)[-1] for p in (tmp_path / "wandb").glob("offline-run-*")}
+    weights = resumed.model.model.state_dict()
+    assert [k for k in straight if not torch.equal(straight[k], weights[k])] == []
+    ids = {p.name.rsplit("-", 1)[-1] for p in (tmp_path / "resumed" / "wandb").glob("offline-run-*")}
     assert len(ids) == 1, ids
 
 

@@ -96,3 +96,15 @@ class KillAtStep(Callback):
             if self.process_group:
                 os.killpg(os.getpgrp(), signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class InterruptAtStep(Callback):
+    """Test-only: Ctrl-C (KeyboardInterrupt) before step ``step`` + 1, in-process; Lightning
+    stops gracefully and the checkpoint of step ``step`` is the newest on disk."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            raise KeyboardInterrupt
