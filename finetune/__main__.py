@@ -5,6 +5,7 @@
   fit       fine-tune --model.init on --data.task, best checkpoint by the task metric
   validate  score a model (or --ckpt_path) on the task's validation split
   export    write a Hugging Face model directory from a fine-tuning checkpoint
+  compare   RNN baselines vs a transformer from scratch on one task (python -m finetune compare --help)
   attention plot source x target attention of a seq2seq model for chosen examples (PNG)
   submit    run fit as a SLURM batch job that resumes after requeue (python -m finetune submit --help)
 """
@@ -29,6 +30,10 @@ def main() -> None:
         _registered_configs()  # our RNN architecture must be known to the Auto classes
 
         report_user_errors(lambda: export_main(sys.argv[2:]))
+    elif command == "compare":
+        from finetune.compare import main as compare_main
+
+        report_user_errors(lambda: compare_main(sys.argv[2:]))
     elif command == "attention":
         from jsonargparse import CLI
 

@@ -126,7 +126,8 @@ class FinetuneDataModule(LightningDataModule):
                 demos = [pool[i] for i in sample_demonstrations(len(pool), self.shots, self.seed, row["id"], same)]
             built: BuiltPrompt = build_prompt(self.template, row, demos, self._count_tokens, self.max_length,
                                               truncate_field=truncate_field, reserve_tokens=reserve)
-            items.append({"index": index, "id": row["id"], "references": row["references"], **asdict(built)})
+            items.append({"index": index, "id": row["id"], "source": row["source"], "references": row["references"],
+                          **asdict(built)})
         return items
 
     def prompt_stats(self, stage: str) -> dict[str, Any]:

@@ -1,0 +1,215 @@
+"""`python -m finetune compare --config configs/compare/translation_en_fr.yaml`: RNN baselines vs a
+transformer, trained from scratch on one task under the same step budget, then compared.
+
+Each model is an entry of ``models`` (an HF config for ``--model.scratch``: our RNN without
+attention, with Bahdanau or Luong attention, and a transformer encoder-decoder of similar size).
+All share one tokenizer (a BPE trained once on the task's train split), the same data order,
+batch size and number of optimizer steps; wall time is reported next to the scores. Every model
+is fine-tuned with the public `finetune fit` and scored with `finetune evaluate` on the test split.
+Outputs in ``out_dir``: ``comparison.md`` (BLEU/chrF overall and by source length, parameters,
+time), ``bleu_by_length.png`` (the shape of Bahdanau et al. 2014, Fig. 2), ``comparison.json``,
+attention plots of the best model, and a W&B table.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finetune.metrics import compute_metrics
+
+
+@dataclass
+class CompareConfig:
+    """What to compare and under which budget.
+
+    Args:
+        task: Task name or YAML (a translation task: BLEU/chrF).
+        models: name -> HF config of a model trained from scratch (``model_type`` + options).
+        learning_rates: name -> peak LR (default ``lr``): RNNs and transformers want different ones.
+        lr: Default peak learning rate.
+        warmup_steps: Linear warmup steps (all models).
+        max_steps: The shared budget: optimizer steps per model.
+        batch_size: Training sentences per step.
+        max_train_examples: Random subset of the train split (None: all).
+        max_eval_examples: Random subset of the test split scored (None: all).
+        val_check_interval: Steps between validations (best checkpoint by validation BLEU).
+        tokenizer_vocab_size: Vocabulary of the shared BPE.
+        length_buckets: Upper bounds (source words, inclusive) of the length buckets.
+        num_beams: Beam width for the test translations.
+        max_new_tokens: Generation length limit.
+        out_dir: Where runs and the comparison go.
+    """
+
+    task: str
+    models: dict[str, dict[str, Any]]
+    learning_rates: dict[str, float] = field(default_factory=dict)
+    lr: float = 1e-3
+    warmup_steps: int = 200
+    max_steps: int = 2000
+    batch_size: int = 64
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = 1000
+    val_check_interval: int = 500
+    tokenizer_vocab_size: int = 8000
+    length_buckets: list[int] = field(default_factory=lambda: [4, 6, 8, 10, 15, 1000])
+    num_beams: int = 1
+    max_new_tokens: int = 48
+    out_dir: str = "runs/compare"
+
+
+def _common_args(cfg: CompareConfig, run_dir: Path) -> list[str]:
+    return ["--data.task", cfg.task, "--model.max_new_tokens", str(cfg.max_new_tokens),
+            "--trainer.default_root_dir", str(run_dir), "--trainer.enable_progress_bar", "false",
+            "--attention_plots.n_examples", "0"]
+
+
+def train_and_score(cfg: CompareConfig, name: str, scratch: dict[str, Any], tokenizer: str | None) -> dict[str, Any]:
+    """Fine-tune model ``name`` from scratch within the budget and score it on the test split."""
+    from finetune.cli import main as finetune_cli
+
+    run_dir = Path(cfg.out_dir) / name
+    started = time.time()
+    fit = finetune_cli(["fit", "--model.scratch", json.dumps(scratch), "--model.lr", str(cfg.learning_rates.get(name, cfg.lr)),
+                        "--model.warmup_steps", str(cfg.warmup_steps), "--data.batch_size", str(cfg.batch_size),
+                        "--data.max_eval_examples", "200", "--trainer.max_steps", str(cfg.max_steps),
+                        "--trainer.val_check_interval", str(cfg.val_check_interval),
+                        *(["--model.tokenizer", tokenizer] if tokenizer else
+                          ["--model.tokenizer_vocab_size", str(cfg.tokenizer_vocab_size)]),
+                        *(["--data.max_train_examples", str(cfg.max_train_examples)] if cfg.max_train_examples else []),
+                        *_common_args(cfg, run_dir)])
+    train_seconds = time.time() - started
+    n_params = sum(p.numel() for p in fit.model.model.parameters())
+    best = fit.trainer.checkpoint_callback.best_model_path or str(run_dir / "checkpoints" / "last.ckpt")
+    test = finetune_cli(["test", "--model.init", best, "--model.num_beams", str(cfg.num_beams),
+                         "--data.max_eval_examples", str(cfg.max_eval_examples or 10**9),
+                         "--trainer.logger", "false", *_common_args(cfg, run_dir / "test")])
+    results = test.model.last_results
+    items = test.datamodule.eval_items["test"]
+    return {"name": name, "params": n_params, "train_seconds": train_seconds, "checkpoint": best,
+            "bleu": results["metrics"]["bleu"], "chrf": results["metrics"]["chrf"],
+            "exact_match": results["metrics"]["exact_match"], "predictions": results["predictions"],
+            "references": [it["references"] for it in items], "sources": [it["source"] for it in items],
+            "tokenizer": str(run_dir / "tokenizer") if (run_dir / "tokenizer").is_dir() else tokenizer}
+
+
+def bleu_by_length(result: dict[str, Any], buckets: list[int], lang: str) -> list[dict[str, Any]]:
+    """Corpus BLEU per bucket of source length (whitespace words): [{bucket, n, bleu}]."""
+    out, low = [], 1
+    for high in buckets:
+        idx = [i for i, s in enumerate(result["sources"]) if low <= len(s.split()) <= high]
+        if idx:
+            metrics = compute_metrics("bleu_chrf", [result["predictions"][i] for i in idx],
+                                      [result["references"][i] for i in idx], lang=lang)
+            label = f"{low}-{high}" if high < 1000 else f"{low}+"
+            out.append({"bucket": label, "n": len(idx), "bleu": metrics["bleu"], "chrf": metrics["chrf"]})
+        low = high + 1
+    return out
+
+
+def plot_bleu_by_length(table: dict[str, list[dict[str, Any]]], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, rows in table.items():
+        ax.plot([r["bucket"] for r in rows], [r["bleu"] for r in rows], marker="o", label=name)
+    ax.set_xlabel("source sentence length (words)")
+    ax.set_ylabel("BLEU")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def render_markdown(cfg: CompareConfig, results: list[dict[str, Any]], by_length: dict[str, list[dict]],
+                    wall_seconds: float) -> str:
+    lines = [f"# RNN baselines vs transformer on `{cfg.task}`", "",
+             f"Budget: {cfg.max_steps} optimizer steps x {cfg.batch_size} sentences per model, the same shared "
+             f"BPE ({cfg.tokenizer_vocab_size}) and data order; best checkpoint by validation BLEU; test: "
+             f"{len(results[0]['predictions'])} sentences, {'greedy' if cfg.num_beams == 1 else f'beam {cfg.num_beams}'}. "
+             f"Total wall time {wall_seconds / 60:.1f} min.", "",
+             "| model | parameters | train time (min) | BLEU | chrF | exact match (%) |", "|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['name']} | {r['params'] / 1e6:.2f} M | {r['train_seconds'] / 60:.1f} | {r['bleu']:.2f} | "
+                     f"{r['chrf']:.2f} | {r['exact_match']:.1f} |")
+    buckets = [row["bucket"] for row in next(iter(by_length.values()))]
+    lines += ["", "BLEU by source length (words):", "",
+              "| model | " + " | ".join(f"{b} (n={row['n']})" for b, row in
+                                       zip(buckets, next(iter(by_length.values())))) + " |",
+              "|---|" + "---|" * len(buckets)]
+    for name, rows in by_length.items():
+        lines.append(f"| {name} | " + " | ".join(f"{row['bleu']:.2f}" for row in rows) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def compare(cfg: CompareConfig) -> dict[str, Any]:
+    """Run the comparison; returns the results (also written to ``cfg.out_dir``)."""
+    from finetune.tasks import load_task
+
+    if not cfg.models:
+        raise ValueError("compare: `models` is empty")
+    task = load_task(cfg.task)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started, results, tokenizer = time.time(), [], None
+    for name, scratch in cfg.models.items():
+        result = train_and_score(cfg, name, scratch, tokenizer)
+        tokenizer = tokenizer or result["tokenizer"]  # the first model's BPE is shared by the others
+        results.append(result)
+    lang = task.target_lang or "en"
+    by_length = {r["name"]: bleu_by_length(r, cfg.length_buckets, lang) for r in results}
+    wall = time.time() - started
+    (out / "comparison.md").write_text(render_markdown(cfg, results, by_length, wall), encoding="utf-8")
+    plot_bleu_by_length(by_length, out / "bleu_by_length.png", f"{task.name}: BLEU by source length")
+    summary = [{k: v for k, v in r.items() if k not in ("predictions", "references", "sources")} for r in results]
+    (out / "comparison.json").write_text(json.dumps({"models": summary, "by_length": by_length,
+                                                     "wall_seconds": wall}, indent=2) + "\n")
+    _plot_best_attention(results, task, out / "attention")
+    _log_wandb(out, summary, by_length)
+    print((out / "comparison.md").read_text())
+    return {"models": summary, "by_length": by_length, "wall_seconds": wall}
+
+
+def _plot_best_attention(results: list[dict[str, Any]], task: Any, out: Path, n: int = 3) -> None:
+    """Alignments of the best model that has attention, for the first test sentences."""
+    from finetune.attention_plots import plot_examples
+    from finetune.pretrained import load_pretrained
+
+    for result in sorted(results, key=lambda r: -r["bleu"]):
+        loaded = load_pretrained(result["checkpoint"])
+        try:
+            sources = [task.template(loaded.kind).render_prompt({"source": s}) for s in result["sources"][:n]]
+            plot_examples(loaded.model, loaded.tokenizer, sources, out, prefix=result["name"])
+            return
+        except ValueError:  # no attention weights (RNN without attention): try the next best
+            continue
+
+
+def _log_wandb(out: Path, summary: list[dict[str, Any]], by_length: dict[str, list[dict]]) -> None:
+    """One W&B run with the comparison table and the plot (offline unless logged in)."""
+    from common.wandb_logger import AutoWandbLogger
+
+    logger = AutoWandbLogger(project="lmtrain-compare", save_dir=str(out), name=out.name)
+    columns = ["name", "params", "train_seconds", "bleu", "chrf", "exact_match"]
+    logger.log_table(key="comparison", columns=columns, data=[[r[c] for c in columns] for r in summary])
+    logger.log_image(key="bleu_by_length", images=[str(out / "bleu_by_length.png")])
+    logger.experiment.finish()
+
+
+def main(args: list[str] | None = None) -> dict[str, Any]:
+    from jsonargparse import ArgumentParser, ActionConfigFile
+
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_class_arguments(CompareConfig, nested_key=None)
+    cfg = CompareConfig(**{k: v for k, v in vars(parser.parse_args(args)).items() if k != "config"})
+    return compare(cfg)

@@ -1,0 +1,43 @@
+"""`python -m finetune compare` end to end on a tiny budget (the generated reverse task, no files)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from finetune.compare import main as compare_main
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_runs_end_to_end(tmp_path: Path) -> None:
+    config = tmp_path / "compare.yaml"
+    config.write_text(f"""\
+task: reverse
+max_steps: 6
+batch_size: 8
+warmup_steps: 1
+val_check_interval: 3
+tokenizer_vocab_size: 300
+max_eval_examples: 20
+max_new_tokens: 8
+length_buckets: [5, 8, 1000]
+out_dir: {tmp_path / 'out'}
+models:
+  rnn_none: {{model_type: rnn_seq2seq, embedding_dim: 16, hidden_size: 16, attention: none}}
+  rnn_luong: {{model_type: rnn_seq2seq, embedding_dim: 16, hidden_size: 16, attention: luong_general}}
+  transformer: {{model_type: t5, d_model: 16, d_ff: 32, d_kv: 8, num_heads: 2, num_layers: 1}}
+""")
+    results = compare_main(["--config", str(config)])
+    out = tmp_path / "out"
+    assert [m["name"] for m in results["models"]] == ["rnn_none", "rnn_luong", "transformer"]
+    assert all(m["params"] > 0 and 0 <= m["bleu"] <= 100 for m in results["models"])
+    # One shared tokenizer: the later models used the first one's BPE.
+    assert (out / "rnn_none" / "tokenizer").is_dir() and not (out / "transformer" / "tokenizer").exists()
+    by_length = json.loads((out / "comparison.json").read_text())["by_length"]
+    assert [row["bucket"] for row in by_length["rnn_luong"]] == ["1-5", "6-8", "9+"]
+    assert sum(row["n"] for row in by_length["rnn_luong"]) == 20
+    table = (out / "comparison.md").read_text()
+    assert "| rnn_luong |" in table and "BLEU by source length" in table
+    assert (out / "bleu_by_length.png").read_bytes().startswith(PNG)
+    assert list((out / "attention").glob("*.png")), "the best model with attention gets alignment plots"
