@@ -25,6 +25,18 @@ def test_config_parses(path: Path, capsys: pytest.CaptureFixture) -> None:
     elif kind == "trainer":  # a trainer preset is layered over a model preset
         tiny = str(CONFIGS / "pretrain" / "gpt-tiny.yaml")
         run = lambda: pretrain_cli(["fit", "--config", tiny, "--config", str(path), "--print_config"])  # noqa: E731
+    elif kind == "finetune":
+        from finetune.cli import main as finetune_cli
+
+        run = lambda: finetune_cli(["fit", "--config", str(path), "--print_config"])  # noqa: E731
+    elif kind == "compare":
+        from finetune.compare import CompareConfig
+
+        import yaml
+
+        config = CompareConfig(**yaml.safe_load(path.read_text()))
+        assert config.models and all("model_type" in m for m in config.models.values())
+        return
     elif kind == "tasks":  # not a CLI config: a task is loaded (and its templates checked) by load_task
         from finetune.tasks import load_task
 

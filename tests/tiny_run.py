@@ -108,3 +108,13 @@ class InterruptAtStep(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step >= self.step:
             raise KeyboardInterrupt
+
+
+class LossRecorder(Callback):
+    """Test-only: the training loss of every step, in ``losses``."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
