@@ -1,4 +1,4 @@
-"""`python -m finetune {fit,evaluate,validate,export,submit} ...`
+"""`python -m finetune {fit,evaluate,validate,export,compare,attention,submit} ...`
 
   evaluate  zero-/few-shot scores of a model on a task, no training  (python -m finetune evaluate --help)
             e.g. --model.init runs/gpt-tiny --data.task tatoeba_en_fr --data.shots 5
