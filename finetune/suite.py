@@ -168,11 +168,17 @@ def _progress(row: Row) -> str:
 # ---- tables -------------------------------------------------------------------------------------
 SHOWN = {"bleu": "BLEU", "chrf": "chrF", "rouge1": "R-1", "rouge2": "R-2", "rougeL": "R-L",
          "exact_match": "EM", "f1": "F1"}
+REPORTED = {"bleu": ("bleu", "chrf"), "rougeL": ("rouge1", "rouge2", "rougeL"), "f1": ("exact_match", "f1")}
+
+
+def reported(row: Row) -> list[str]:
+    """The metrics shown for the row's task (by its primary metric), in table order."""
+    return [k for k in REPORTED.get(row.metric, (row.metric,)) if k in row.metrics]
 
 
 def scores_text(row: Row) -> str:
     """The task's reported scores, e.g. ``BLEU 1.23 / chrF 17.1``."""
-    return " / ".join(f"{label} {row.metrics[key]:.2f}" for key, label in SHOWN.items() if key in row.metrics)
+    return " / ".join(f"{SHOWN.get(key, key)} {row.metrics[key]:.2f}" for key in reported(row))
 
 
 def markdown_table(rows: list[Row]) -> str:
@@ -193,10 +199,9 @@ def headline_table(rows: list[Row]) -> str:
         cells.setdefault((r.model, r.task), {})[r.setting] = r
     lines = ["| model | task | metric | " + " | ".join(settings) + " |", "|---|---|---|" + "---|" * len(settings)]
     for (model, task), by_setting in cells.items():
-        keys = [k for k in SHOWN if k in next(iter(by_setting.values())).metrics]
-        for key in keys:
+        for key in reported(next(iter(by_setting.values()))):
             values = [f"{by_setting[s].metrics[key]:.2f}" if s in by_setting else "" for s in settings]
-            lines.append(f"| {model} | {task} | {SHOWN[key]} | " + " | ".join(values) + " |")
+            lines.append(f"| {model} | {task} | {SHOWN.get(key, key)} | " + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"
 
 
