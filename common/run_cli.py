@@ -109,6 +109,12 @@ class RunCLI(LightningCLI):
         # Inside a SLURM job: one process per task, checked before Lightning's launcher would fail.
         check_slurm_allocation(self.trainer.num_devices, self.trainer.num_nodes)
         ckpt_path = self.config.fit.get("ckpt_path")
+        last = Path(self.trainer.checkpoint_callback.dirpath) / "last.ckpt"
+        if ckpt_path is None and last.exists() and not self.trainer.fast_dev_run:
+            # Lightning would write last-v1.ckpt beside it, and `--ckpt_path last` / exports would
+            # then silently pick the old run's last.ckpt.
+            raise FileExistsError(f"{last} exists: this run directory holds a previous run. Resume it with "
+                                  "--ckpt_path last, or set a new trainer.default_root_dir")
         resolved = self._resolve_ckpt_path(ckpt_path)
         if ckpt_path == "last":
             # trainer.fit gets the checkpoint chosen here (before_fit runs before LightningCLI reads

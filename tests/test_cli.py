@@ -160,3 +160,14 @@ def test_gpu_preset_on_a_cpu_machine_names_the_cpu_presets(tmp_path: Path, capsy
         report_user_errors(lambda: pretrain_cli(["fit", "--config", str(config), "--config", str(preset)]))
     err = capsys.readouterr().err
     assert "no CUDA GPU: use a CPU trainer preset" in err and "deepspeed-zero2-cpu.yaml" in err, err
+
+
+def test_fit_into_a_run_directory_with_checkpoints_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A second fit without --ckpt_path would write last-v1.ckpt beside the old last.ckpt."""
+    config = write_run_config(tmp_path, max_steps=4, val_every=4)
+    pretrain_cli(["fit", "--config", str(config), "--trainer.logger", "false"])
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    with pytest.raises(SystemExit):
+        report_user_errors(lambda: pretrain_cli(["fit", "--config", str(config), "--trainer.logger", "false"]))
+    assert "holds a previous run. Resume it with --ckpt_path last" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
