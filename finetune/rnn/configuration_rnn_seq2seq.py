@@ -7,8 +7,8 @@ the context vectors and the decoder's initial state are always hidden_size wide.
 encoder needs no bridge: its outputs are used as they are and its final state (every layer) starts
 the decoder (Sutskever et al. 2014). Encoder and decoder have the same ``num_layers``.
 
-The output layer is ``logits = W_out tanh(W_pre [...])`` with the pre-output of size embedding_dim
-(the deep-output layer of Bahdanau et al. / Nematus), so ``W_out`` (vocab_size, embedding_dim) can
+The output layer is ``logits = W_out W_pre [...]`` with the pre-output of size embedding_dim
+(the deep-output layer of Bahdanau et al. / Nematus, without its nonlinearity: see decoder.py), so ``W_out`` (vocab_size, embedding_dim) can
 always be tied to the decoder embedding.
 
 Embedding sharing, two independent switches (there is a single vocabulary of ``vocab_size`` ids):

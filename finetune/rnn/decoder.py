@@ -4,12 +4,20 @@ Per target step t, with e_t the embedding of the previous target token and memor
 (bridged) encoder outputs (B, S, H):
 
 * ``none`` (Cho et al. 2014): c = final encoder state of the top layer, fixed for every step;
-  s_t = RNN([e_t; c], s_{t-1});  o_t = tanh(W_pre [s_t; c; e_t])
-* ``bahdanau``: c_t = attn(s_{t-1}, h);  s_t = RNN([e_t; c_t], s_{t-1});  o_t = tanh(W_pre [s_t; c_t; e_t])
+  s_t = RNN([e_t; c], s_{t-1});  o_t = W_pre [s_t; c; e_t]
+* ``bahdanau``: c_t = attn(s_{t-1}, h);  s_t = RNN([e_t; c_t], s_{t-1});  o_t = W_pre [s_t; c_t; e_t]
 * ``luong_*``: h_t = RNN([e_t; o_{t-1}] if input feeding else e_t, h_{t-1});  c_t = attn(h_t, h);
-  o_t = tanh(W_c [c_t; h_t])  (the attentional vector, fed back with input feeding)
+  o_t = W_c [c_t; h_t]  (the attentional vector, fed back with input feeding)
 
 logits_t = W_out dropout(o_t), o_t of size embedding_dim (so W_out can be tied to the embedding).
+
+The pre-output o_t is linear, *not* tanh(...) as in Luong et al. / Bahdanau's deep output: with Adam and
+a vocabulary larger than the tokens in use, the first updates learn the unigram marginal ("never emit
+the unused ids") by pushing every layer coherently until o_t is one constant vector; a tanh there then
+saturates (|pre-activation| of 10-50 within a few steps), its gradient is ~0, nothing below the output
+layer ever learns again and the decoder ignores the source (loss stuck at ln(#symbols)). Linear, the
+same direction stays trainable (W_out o_t is still a nonlinear function of the source through the
+RNN and the attention softmax). See tests/test_rnn_model.py::test_learns_with_mostly_unused_vocabulary.
 
 ``none`` and Luong without input feeding run a whole teacher-forced target in one RNN call; Bahdanau
 and input feeding need one RNN call per step (the input depends on the previous step's output).
@@ -112,10 +120,10 @@ class Decoder(nn.Module):
         if self.kind == "none":
             context, weights = self._attend(embedded, encoder, mask, cache)  # (B, T, H)
             outputs, cache = self._rnn(torch.cat([embedded, context], dim=-1), cache)  # (B, T, H)
-            return torch.tanh(self.pre_output(torch.cat([outputs, context, embedded], dim=-1))), weights, cache
+            return (self.pre_output(torch.cat([outputs, context, embedded], dim=-1))), weights, cache
         outputs, cache = self._rnn(embedded, cache)  # (B, T, H)
         context, weights = self._attend(outputs, encoder, mask, cache)  # (B, T, H), (B, T, S)
-        return torch.tanh(self.pre_output(torch.cat([context, outputs], dim=-1))), weights, cache
+        return (self.pre_output(torch.cat([context, outputs], dim=-1))), weights, cache
 
     def step(self, embedded: torch.Tensor, encoder: RNNEncoderOutput, mask: torch.Tensor,
              cache: RNNDecoderCache) -> tuple[torch.Tensor, torch.Tensor | None, RNNDecoderCache]:
@@ -127,12 +135,12 @@ class Decoder(nn.Module):
             context, weights = self._attend(cache.hidden[-1], encoder, mask, cache)  # (B, H), (B, S)
             output, cache = self._rnn(torch.cat([embedded, context], dim=-1)[:, None], cache)
             output = output[:, 0]  # (B, H)
-            return torch.tanh(self.pre_output(torch.cat([output, context, embedded], dim=-1))), weights, cache
+            return (self.pre_output(torch.cat([output, context, embedded], dim=-1))), weights, cache
         inputs = torch.cat([embedded, cache.input_feed], dim=-1) if self.input_feeding else embedded
         output, cache = self._rnn(inputs[:, None], cache)
         output = output[:, 0]  # (B, H): attend with the current output h_t
         context, weights = self._attend(output, encoder, mask, cache)
-        attentional = torch.tanh(self.pre_output(torch.cat([context, output], dim=-1)))  # (B, E)
+        attentional = (self.pre_output(torch.cat([context, output], dim=-1)))  # (B, E)
         if self.input_feeding:
             cache = RNNDecoderCache(cache.hidden, cache.cell, attentional, cache.projected_keys)
         return attentional, weights, cache

@@ -28,7 +28,12 @@ from finetune.rnn.configuration_rnn_seq2seq import RNNSeq2SeqConfig
 from finetune.rnn.decoder import Decoder, RNNDecoderCache
 from finetune.rnn.encoder import Encoder, RNNEncoderOutput
 
-INIT_RANGE = 0.1  # uniform(-0.1, 0.1) for every weight, as in Sutskever et al. 2014 / Luong et al. 2015
+# Initialisation (JoeyNMT-style): Glorot/Xavier-uniform for every weight matrix (one recurrent matrix
+# per gate), N(0, 1) embeddings (PyTorch's default; zero padding row), zero biases. The former
+# uniform(-0.1, 0.1) everywhere (Sutskever et al. / Luong et al., tuned for 1000-d layers and SGD) made
+# all activations tiny at small sizes (encoder outputs ~0.005 for embedding_dim 32): the source signal
+# was then negligible next to what Adam learns first, the target marginal, and training collapsed onto it.
+EMBEDDING_STD = 1.0
 
 
 def shift_right(labels: torch.Tensor, decoder_start_token_id: int, pad_token_id: int) -> torch.Tensor:
@@ -47,11 +52,15 @@ class RNNSeq2SeqPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         # transformers' `init` functions skip parameters already loaded by from_pretrained.
         if isinstance(module, (nn.Linear, nn.GRU, nn.LSTM, nn.Embedding)):
+            gates = 3 if isinstance(module, nn.GRU) else 4 if isinstance(module, nn.LSTM) else 1
             for name, param in module.named_parameters(recurse=False):
                 if name.startswith("bias"):
                     init.zeros_(param)
-                else:
-                    init.uniform_(param, -INIT_RANGE, INIT_RANGE)
+                elif isinstance(module, nn.Embedding):
+                    init.normal_(param, 0.0, EMBEDDING_STD)
+                elif not getattr(param, "_is_hf_initialized", False):
+                    for gate in param.chunk(gates, dim=0):  # views: (gates * H, in) -> one (H, in) per gate
+                        nn.init.xavier_uniform_(gate)
         if isinstance(module, nn.Embedding) and module.padding_idx is not None:
             if not getattr(module.weight, "_is_hf_initialized", False):
                 init.zeros_(module.weight[module.padding_idx])
