@@ -14,7 +14,8 @@ from finetune.cli import main as finetune_cli
 from tests.tiny_run import LossRecorder
 
 FAMILIES = {
-    "rnn": ("{model_type: rnn_seq2seq, embedding_dim: 32, hidden_size: 64, attention: luong_dot, dropout: 0.0}", 1e-2),
+    "rnn": ("{model_type: rnn_seq2seq, cell: lstm, embedding_dim: 32, hidden_size: 64, attention: luong_dot, dropout: 0.0}",
+            1e-2),
     "transformer": ("{model_type: t5, d_model: 64, d_ff: 256, d_kv: 16, num_heads: 4, num_layers: 2, "
                     "dropout_rate: 0.0, feed_forward_proj: relu}", 2e-3),
 }
