@@ -150,6 +150,18 @@ class ZeroStrategy(LightningDeepSpeedStrategy):
         return super().load_checkpoint(checkpoint_path, weights_only)
 
 
+def offloads_optimizer(strategy: Any) -> bool:
+    """Whether ``strategy`` is DeepSpeed with the optimizer offloaded to CPU (needs DeepSpeedCPUAdam)."""
+    config = getattr(strategy, "config", None) or {}
+    return (config.get("zero_optimization") or {}).get("offload_optimizer") is not None
+
+
+def generation_needs_sync(trainer: Any) -> bool:
+    """ZeRO-3 on several ranks: weights are gathered collectively in every forward, so all ranks
+    must call ``generate`` together and keep stepping until all are done (``synced_gpus``)."""
+    return bool(getattr(trainer.strategy, "zero_stage_3", False)) and trainer.world_size > 1
+
+
 def _replace_dir(src: Path, dst: Path) -> None:
     """Move directory ``src`` to ``dst``; at every moment a complete ``dst`` or ``dst.old`` exists."""
     old = dst.with_name(dst.name + ".old")

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from lightning.pytorch import LightningModule
 
 from common.checkpoint_io import CHECKPOINT_FORMAT, CHECKPOINT_KEY, CheckpointError, check_lmtrain_checkpoint
+from common.deepspeed_strategy import generation_needs_sync, offloads_optimizer
 from common.gradient_clipping import GradientClipping
 from common.optim import build_adamw, build_warmup_cosine
 from common.tokenizer import tokenizer_to_files
@@ -101,9 +102,8 @@ class FinetuneSystem(GradientClipping, LightningModule):
         hp = self.hparams
         max_steps = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 \
             else int(self.trainer.estimated_stepping_batches)
-        strategy_config = getattr(self.trainer.strategy, "config", None) or {}
-        offload = (strategy_config.get("zero_optimization") or {}).get("offload_optimizer") is not None
-        optimizer = build_adamw(self.model, lr=hp.lr, weight_decay=hp.weight_decay, cpu_offload=offload)
+        optimizer = build_adamw(self.model, lr=hp.lr, weight_decay=hp.weight_decay,
+                                cpu_offload=offloads_optimizer(self.trainer.strategy))
         warmup = min(hp.warmup_steps, max(max_steps - 1, 0))
         scheduler = build_warmup_cosine(optimizer, warmup, max_steps, hp.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -114,7 +114,7 @@ class FinetuneSystem(GradientClipping, LightningModule):
         """Completions for a batch of prompts (left-padded for decoder-only), stop strings applied."""
         template = self.trainer.datamodule.template
         tok = self.tokenizer
-        synced = bool(getattr(self.trainer.strategy, "zero_stage_3", False)) and self.trainer.world_size > 1
+        synced = generation_needs_sync(self.trainer)
         # Stop strings matter for decoder-only models continuing a prompt; seq2seq targets end at EOS
         # (the stop strings are still cut from the text below).
         stop = template.stop if self.kind == "decoder" else []

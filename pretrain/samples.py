@@ -16,6 +16,8 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from common.deepspeed_strategy import generation_needs_sync
+
 DEFAULT_PROMPTS: tuple[str, ...] = ("The", "In the beginning", "First Citizen:")
 
 
@@ -93,7 +95,7 @@ class GenerationSamples(pl.Callback):
         # ZeRO-3 partitions every weight across ranks: each forward gathers them collectively, so
         # every rank must run the same generate calls, and keep stepping until all are done
         # (synced_gpus), or the ranks that finish first leave the others waiting forever.
-        synced = bool(getattr(strategy, "zero_stage_3", False)) and trainer.world_size > 1
+        synced = generation_needs_sync(trainer)
         if not (trainer.is_global_zero or synced):
             return
         if getattr(pl_module.model.config, "is_encoder_decoder", False):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
 
+from common.deepspeed_strategy import offloads_optimizer
 from common.gradient_clipping import GradientClipping
 from common.checkpoint_io import CHECKPOINT_FORMAT, CHECKPOINT_KEY, CheckpointError, check_lmtrain_checkpoint
 from common.optim import build_adamw, build_warmup_cosine
@@ -151,10 +152,8 @@ class PretrainSystem(GradientClipping, LightningModule):
         warmup_steps = hp.warmup_steps
         if self.trainer.fast_dev_run:  # a smoke run of a few steps: shrink warmup to fit
             warmup_steps = min(warmup_steps, max_steps - 1)
-        strategy_config = getattr(self.trainer.strategy, "config", None) or {}
-        offload = (strategy_config.get("zero_optimization") or {}).get("offload_optimizer") is not None
         optimizer = build_adamw(self.model, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas),
-                                fused=hp.fused_adamw, cpu_offload=offload)
+                                fused=hp.fused_adamw, cpu_offload=offloads_optimizer(self.trainer.strategy))
         scheduler = build_warmup_cosine(optimizer, warmup_steps, max_steps, hp.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
