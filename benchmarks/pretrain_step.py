@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 from common.optim import build_adamw, build_warmup_cosine  # noqa: E402
-from common.throughput import SpeedMonitor, seq2seq_flops_per_example, seq2seq_n_params  # noqa: E402
+from common.throughput import SpeedMonitor, seq2seq_flops_per_example, seq2seq_shape  # noqa: E402
 from pretrain.model import GPT2Arch, T5Arch, build_gpt2, build_t5  # noqa: E402
 from pretrain.span_corruption import compute_input_and_target_lengths  # noqa: E402
 from pretrain.system import CausalLMSystem, PretrainSystem, SpanCorruptionSystem  # noqa: E402
@@ -176,16 +176,12 @@ def flops_per_step(case: Case, system: PretrainSystem) -> float:
     """Training FLOPs of one optimizer step (one micro-batch), as SpeedMonitor counts them.
 
     GPT-2: ``flops_per_token(T)·B·T`` (6N + 12·L·d·T per token). T5: ``B·seq2seq_flops_per_example``
-    (6·(N_enc·T_in + N_dec·T_out) + attention), computed here from its inputs and checked against
+    (6·((N_enc + N_xkv)·T_in + N_dec·T_out) + attention), computed here from its inputs and checked against
     ``SpanCorruptionSystem.flops_per_batch``, which SpeedMonitor uses on the Lightning side.
     """
     if not case.seq2seq:
         return system.flops_per_token(case.seq_len) * case.batch_size * case.seq_len
-    arch = case.arch
-    n_enc, n_dec = seq2seq_n_params(system.model)
-    flops = case.batch_size * seq2seq_flops_per_example(n_enc, n_dec, arch.num_layers,
-                                                        arch.num_decoder_layers or arch.num_layers,
-                                                        arch.d_model, case.seq_len, case.target_len)
+    flops = case.batch_size * seq2seq_flops_per_example(seq2seq_shape(system.model), case.seq_len, case.target_len)
     batch = {"input_ids": torch.zeros(case.batch_size, case.seq_len, dtype=torch.long),
              "labels": torch.zeros(case.batch_size, case.target_len, dtype=torch.long)}
     assert system.flops_per_batch(batch) == flops, (system.flops_per_batch(batch), flops)

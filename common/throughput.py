@@ -7,8 +7,10 @@ recomputation (activation checkpointing) is not model FLOPs and is not counted.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -38,30 +40,49 @@ def decoder_flops_per_token(n_params: int, n_layer: int, d_model: int, seq_len: 
     return 6 * n_params + 12 * n_layer * d_model * seq_len
 
 
-def seq2seq_flops_per_example(
-    n_params_encoder: int, n_params_decoder: int, n_layer_enc: int, n_layer_dec: int,
-    d_model: int, in_len: int, out_len: int,
-) -> int:
-    """Training FLOPs for one (input, target) pair of an encoder-decoder (T5-style) model. Use
-    :func:`seq2seq_n_params` for ``N_enc, N_dec``.
+@dataclass(frozen=True)
+class Seq2SeqShape:
+    """What the encoder-decoder FLOPs formula needs from a model (:func:`seq2seq_shape` reads it).
 
-    ``F = 6*(N_enc*T_in + N_dec*T_out) + 12*d*(L_enc*T_in^2 + L_dec*T_out^2 + L_dec*T_out*T_in)``
+    Args:
+        n_params_encoder: encoder weights without embeddings; each runs once per input token.
+        n_params_decoder: decoder weights plus the LM head, without the cross-attention K/V
+            projections; each runs once per target token.
+        n_params_cross_kv: the decoder's cross-attention K and V projections; they run over the
+            ``T_in`` encoder states, once per input token, not per target token.
+        n_layer_enc, n_layer_dec: blocks in each stack.
+        attn_dim: width of the attention products, ``num_heads * d_kv`` (T5 decouples it from d_model).
+    """
+
+    n_params_encoder: int
+    n_params_decoder: int
+    n_params_cross_kv: int
+    n_layer_enc: int
+    n_layer_dec: int
+    attn_dim: int
+
+
+def seq2seq_flops_per_example(shape: Seq2SeqShape, in_len: int, out_len: int) -> int:
+    """Training FLOPs for one (input, target) pair of an encoder-decoder (T5-style) model.
+
+    ``F = 6*(N_enc*T_in + N_xkv*T_in + N_dec*T_out) + 12*a*(L_enc*T_in^2 + L_dec*T_out^2 + L_dec*T_out*T_in)``
 
     - ``6*N_enc*T_in``: encoder weights, once per input token (``N_enc`` without embeddings).
-    - ``6*N_dec*T_out``: decoder weights plus the LM head (``d x V``, counted even if tied to the
-      input embedding), once per target token. Approximation: the cross-attention K/V projections
-      really run on the ``T_in`` encoder states, not on ``T_out`` target tokens; exact when
-      ``T_in == T_out``, and these are 2 of the ~12 ``d^2`` matrices in a decoder layer.
-    - Attention (as in :func:`decoder_flops_per_token`, ``12*d`` per key per query per layer):
-      encoder self ``12*L_enc*d*T_in`` per input token, decoder self ``12*L_dec*d*T_out`` and
-      cross ``12*L_dec*d*T_in`` per target token.
-    Divide by ``T_in + T_out`` for FLOPs per processed token.
+    - ``6*N_xkv*T_in``: the decoder's cross-attention K/V projections read the encoder states.
+    - ``6*N_dec*T_out``: the other decoder weights plus the LM head (``d x V``, counted even if tied
+      to the input embedding), once per target token.
+    - Attention (as in :func:`decoder_flops_per_token`, ``12*a`` per key per query per layer, with
+      ``a = num_heads * d_kv``): encoder self ``T_in x T_in``, decoder self ``T_out x T_out`` and
+      cross ``T_out x T_in`` per layer.
+    Divide by ``T_in + T_out`` for FLOPs per processed token. Checked against torch's
+    ``FlopCounterMode`` in tests/test_throughput.py.
     """
-    _check_positive(n_params_encoder=n_params_encoder, n_params_decoder=n_params_decoder,
-                    n_layer_enc=n_layer_enc, n_layer_dec=n_layer_dec, d_model=d_model, in_len=in_len,
-                    out_len=out_len)
-    matmuls = 6 * (n_params_encoder * in_len + n_params_decoder * out_len)
-    attention = 12 * d_model * (n_layer_enc * in_len**2 + n_layer_dec * (out_len**2 + out_len * in_len))
+    _check_positive(n_params_encoder=shape.n_params_encoder, n_params_decoder=shape.n_params_decoder,
+                    n_layer_enc=shape.n_layer_enc, n_layer_dec=shape.n_layer_dec, attn_dim=shape.attn_dim,
+                    in_len=in_len, out_len=out_len)
+    matmuls = 6 * ((shape.n_params_encoder + shape.n_params_cross_kv) * in_len + shape.n_params_decoder * out_len)
+    attention = 12 * shape.attn_dim * (shape.n_layer_enc * in_len**2
+                                       + shape.n_layer_dec * (out_len**2 + out_len * in_len))
     return matmuls + attention
 
 
@@ -84,13 +105,28 @@ def decoder_n_params(model: nn.Module) -> int:
     return _params_without_embeddings(model, only_positions=True)
 
 
-def seq2seq_n_params(model: nn.Module) -> tuple[int, int]:
-    """``(N_enc, N_dec)`` for :func:`seq2seq_flops_per_example` from an HF encoder-decoder model:
-    the stacks without nn.Embedding tables (tokens, T5's relative-position buckets), plus the
-    output projection in ``N_dec``."""
+# Cross-attention K/V projections of the decoder, by HF naming: T5 `EncDecAttention.k/.v`, BART/Marian
+# `encoder_attn.k_proj/.v_proj`.
+_CROSS_KV = re.compile(r"(EncDecAttention\.[kv]|encoder_attn\.[kv]_proj)$")
+
+
+def seq2seq_shape(model: nn.Module) -> Seq2SeqShape:
+    """:class:`Seq2SeqShape` of an HF T5-style encoder-decoder model (config ``num_layers``,
+    ``num_decoder_layers``, ``num_heads``, ``d_kv``): the stacks without nn.Embedding tables
+    (tokens, T5's relative-position buckets), the output projection in the decoder's count, the
+    cross-attention K/V projections apart."""
+    config = model.config
+    decoder = model.get_decoder()
+    cross_kv = sum(_numel(p) for name, m in decoder.named_modules() if _CROSS_KV.search(name)
+                   for p in m.parameters(recurse=False))
     head = model.get_output_embeddings()
-    n_dec = _params_without_embeddings(model.get_decoder()) + sum(_numel(p) for p in head.parameters())
-    return _params_without_embeddings(model.get_encoder()), n_dec
+    n_dec = _params_without_embeddings(decoder) - cross_kv + sum(_numel(p) for p in head.parameters())
+    n_layer_enc = config.num_layers
+    n_heads, d_kv = config.num_heads, getattr(config, "d_kv", config.d_model // config.num_heads)
+    return Seq2SeqShape(n_params_encoder=_params_without_embeddings(model.get_encoder()), n_params_decoder=n_dec,
+                        n_params_cross_kv=cross_kv, n_layer_enc=n_layer_enc,
+                        n_layer_dec=getattr(config, "num_decoder_layers", None) or n_layer_enc,
+                        attn_dim=n_heads * d_kv)
 
 
 # Lightning precision flag ("bf16-mixed", "16-true", "32-true", 32, ...) -> matmul dtype.

@@ -22,8 +22,7 @@ from common.deepspeed_strategy import offloads_optimizer
 from common.gradient_clipping import GradientClipping
 from common.checkpoint_io import CHECKPOINT_FORMAT, CHECKPOINT_KEY, CheckpointError, check_lmtrain_checkpoint
 from common.optim import build_adamw, build_warmup_cosine
-from common.throughput import (decoder_flops_per_token, decoder_n_params, seq2seq_flops_per_example,
-                               seq2seq_n_params)
+from common.throughput import decoder_flops_per_token, decoder_n_params, seq2seq_flops_per_example, seq2seq_shape
 from common.tokenizer import tokenizer_fingerprint, tokenizer_to_files
 from pretrain.model import GPT2Arch, T5Arch, build_gpt2, build_t5
 
@@ -254,11 +253,8 @@ class SpanCorruptionSystem(PretrainSystem):
         """Training FLOPs of one micro-batch (encoder over inputs, decoder over targets)."""
         (batch_size, in_len), out_len = batch["input_ids"].shape, batch["labels"].shape[-1]
         if self._n_params is None:  # counted once: walking the parameters every step costs ~2 ms
-            self._n_params = seq2seq_n_params(self.model)
-        n_enc, n_dec = self._n_params
-        n_dec_layers = self.arch.num_decoder_layers or self.arch.num_layers
-        return batch_size * seq2seq_flops_per_example(n_enc, n_dec, self.arch.num_layers, n_dec_layers,
-                                                      self.arch.d_model, in_len, out_len)
+            self._n_params = seq2seq_shape(self.model)
+        return batch_size * seq2seq_flops_per_example(self._n_params, in_len, out_len)
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         # No padding anywhere (lengths are computed so blocks fit exactly): HF's mean over labels
