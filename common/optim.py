@@ -1,6 +1,7 @@
 """AdamW with GPT-style weight-decay groups, and a warmup + cosine learning-rate schedule.
 
-Weight decay follows GPT-2/nanoGPT practice: only the weight matrices of linear maps decay.
+Weight decay follows GPT-2/nanoGPT practice: only the weight matrices of linear maps decay (and
+the input/recurrent matrices of GRU/LSTM cells, which are linear maps too).
 Biases, normalisation gains (LayerNorm, T5's RMSNorm ``T5LayerNorm``) and embeddings do not:
 decaying a gain pulls it towards 0 rather than towards the identity, and decaying an embedding
 row penalises rare tokens that receive few gradient updates.
@@ -25,7 +26,8 @@ except ImportError:  # transformers is optional for this module
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Split trainable parameters into a decay group and a no-decay group for AdamW.
 
-    Decay: ``weight`` of ``nn.Linear`` / HF ``Conv1D`` modules with ``ndim >= 2``.
+    Decay: ``weight`` of ``nn.Linear`` / HF ``Conv1D`` modules with ``ndim >= 2``, and the
+    ``weight_ih_l*`` / ``weight_hh_l*`` matrices of ``nn.GRU`` / ``nn.LSTM`` / ``nn.RNN``.
     No decay: everything else (biases, norm weights, embeddings, unknown parameters).
     A parameter shared by an embedding and a linear layer (GPT-2's tied ``lm_head.weight``, T5's
     tied ``shared``/``lm_head``) is an embedding and goes to no-decay, whatever the module order.
@@ -48,6 +50,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         for name, p in m.named_parameters(recurse=False)
         # ZeRO-3 leaves a 1-D placeholder in the module; ds_shape is the weight's true shape.
         if name == "weight" and len(getattr(p, "ds_shape", p.shape)) >= 2 and id(p) not in embedding_ids
+    }
+    decay_ids |= {  # recurrent cells keep their matrices as weight_ih_l0, weight_hh_l0_reverse, ...
+        id(p)
+        for m in model.modules()
+        if isinstance(m, nn.RNNBase)
+        for name, p in m.named_parameters(recurse=False)
+        if name.startswith(("weight_ih", "weight_hh")) and id(p) not in embedding_ids
     }
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
@@ -96,8 +105,9 @@ def build_adamw(
     ``Trainer(gradient_clip_val=...)`` with a fused optimizer (RuntimeError), because a fused
     step may unscale gradients itself. With ``bf16-mixed`` there is no scaler, so clip inside an
     overridden ``LightningModule.configure_gradient_clipping`` with
-    ``torch.nn.utils.clip_grad_norm_``. With ``16-mixed`` (GradScaler) pass ``fused=False`` if
-    you clip: the gradients are still scaled when clipping would run.
+    ``torch.nn.utils.clip_grad_norm_``. With ``16-mixed`` (GradScaler) Lightning leaves the
+    gradients of a fused optimizer scaled when that hook runs: ``common.gradient_clipping``
+    unscales them first (tested on CPU with the same plugin and a fused AdamW).
 
     ``cpu_offload=True`` (DeepSpeed ZeRO with ``offload_optimizer``) returns DeepSpeed's
     ``DeepSpeedCPUAdam`` in AdamW mode over the same groups: the optimizer step then runs on the

@@ -70,6 +70,34 @@ def test_t5_groups_tied_and_untied():
     assert decay_u == decay | {"lm_head.weight"}  # a separate output projection is a matrix
 
 
+@pytest.mark.parametrize("cell", [torch.nn.GRU, torch.nn.LSTM])
+def test_recurrent_matrices_decay_their_biases_do_not(cell: type) -> None:
+    class Seq2Seq(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(50, 8)
+            self.rnn = cell(8, 16, num_layers=2, bidirectional=True)
+            self.out = torch.nn.Linear(32, 50)
+
+    model = Seq2Seq()
+    decay, no_decay = group_names(model, param_groups(model, 0.1))
+    matrices = {f"rnn.weight_{kind}_l{layer}{suffix}" for kind in ("ih", "hh") for layer in (0, 1)
+                for suffix in ("", "_reverse")}
+    assert decay == matrices | {"out.weight"}
+    assert {"rnn.bias_ih_l0", "rnn.bias_hh_l1_reverse", "emb.weight", "out.bias"} <= no_decay
+    assert len(decay) + len(no_decay) == len(list(model.parameters()))
+
+
+def test_our_rnn_seq2seq_decays_its_cell_matrices() -> None:
+    from finetune.rnn import RNNSeq2SeqConfig, RNNSeq2SeqForConditionalGeneration
+
+    model = RNNSeq2SeqForConditionalGeneration(RNNSeq2SeqConfig(vocab_size=60, cell="lstm", attention="bahdanau",
+                                                                 pad_token_id=0, eos_token_id=1))
+    decay, _ = group_names(model, param_groups(model, 0.1))
+    cell_matrices = {n for n, _ in model.named_parameters() if ".weight_ih" in n or ".weight_hh" in n}
+    assert cell_matrices and cell_matrices <= decay
+
+
 def test_frozen_params_left_out_and_bad_decay():
     model = tiny_gpt2()
     model.transformer.wpe.weight.requires_grad_(False)
