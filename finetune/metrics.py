@@ -150,10 +150,19 @@ def _bleu_chrf(predictions: list[str], references: list[list[str]], lang: str) -
         "chrf": chrf_score.score,
         "bleu_signature": str(bleu.get_signature()),
         "chrf_signature": str(chrf.get_signature()),
-        # Whole-output accuracy: equal to a reference up to surrounding/repeated whitespace.
-        "exact_match": 100.0 * sum(" ".join(p.split()) in {" ".join(r.split()) for r in refs}
-                                   for p, refs in zip(predictions, references)) / len(predictions),
+        "exact_match": _mean(_translation_exact_match(predictions, references)),
     }
+
+
+def _translation_exact_match(predictions: list[str], references: list[list[str]]) -> list[float]:
+    """Whole-output accuracy per item: equal to a reference up to surrounding/repeated whitespace."""
+    return [float(" ".join(p.split()) in {" ".join(r.split()) for r in refs})
+            for p, refs in zip(predictions, references)]
+
+
+def _mean(fractions: Sequence[float]) -> float:
+    """0-100 mean of per-item fractions, summed first (as the official SQuAD script does)."""
+    return 100.0 * sum(fractions) / max(len(fractions), 1)
 
 
 def _rouge_scorer(rouge_types: Sequence[str], lang: str) -> rouge_scorer.RougeScorer:
@@ -162,18 +171,22 @@ def _rouge_scorer(rouge_types: Sequence[str], lang: str) -> rouge_scorer.RougeSc
     return rouge_scorer.RougeScorer(list(rouge_types), use_stemmer=True, tokenizer=tokenizer)
 
 
-def _rouge(predictions: list[str], references: list[list[str]], lang: str) -> dict[str, Any]:
+def _rouge_items(predictions: list[str], references: list[list[str]], lang: str) -> dict[str, list[float]]:
     scorer = _rouge_scorer(ROUGE_TYPES, lang)
-    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+    items: dict[str, list[float]] = {t: [] for t in ROUGE_TYPES}
     for prediction, refs in zip(predictions, references):
         # rougeLsum reads sentences from newlines; the other types ignore them.
         best = scorer.score_multi([split_sentences(r) for r in refs], split_sentences(prediction))
         for rouge_type in ROUGE_TYPES:
-            totals[rouge_type] += best[rouge_type].fmeasure
-    n = max(len(predictions), 1)
+            items[rouge_type].append(best[rouge_type].fmeasure)
+    return items
+
+
+def _rouge(predictions: list[str], references: list[list[str]], lang: str) -> dict[str, Any]:
+    items = _rouge_items(predictions, references, lang)
     tokenizer = "default-porter-stemmer" if lang == "en" else UnicodeWordTokenizer.name
     return {
-        **{t: 100.0 * total / n for t, total in totals.items()},
+        **{t: _mean(values) for t, values in items.items()},
         "rouge_tokenizer": tokenizer,
         "rouge_config": (
             f"rouge-score|tokenizer:{tokenizer}|multi-ref:max-f1-per-type|"
@@ -182,16 +195,38 @@ def _rouge(predictions: list[str], references: list[list[str]], lang: str) -> di
     }
 
 
-def _squad(predictions: list[str], references: list[list[str]]) -> dict[str, Any]:
-    n = max(len(predictions), 1)
+def _squad_items(predictions: list[str], references: list[list[str]]) -> dict[str, list[float]]:
     pairs = list(zip(predictions, references))
-    exact = sum(max(squad_exact_match(p, r) for r in refs) for p, refs in pairs)
-    f1 = sum(max(squad_f1(p, r) for r in refs) for p, refs in pairs)
-    return {
-        "exact_match": 100.0 * exact / n,
-        "f1": 100.0 * f1 / n,
-        "squad_normalization": "squad-v1.1-official",
-    }
+    return {"exact_match": [max(squad_exact_match(p, r) for r in refs) for p, refs in pairs],
+            "f1": [max(squad_f1(p, r) for r in refs) for p, refs in pairs]}
+
+
+def _squad(predictions: list[str], references: list[list[str]]) -> dict[str, Any]:
+    items = _squad_items(predictions, references)
+    return {**{name: _mean(values) for name, values in items.items()},
+            "squad_normalization": "squad-v1.1-official"}
+
+
+def item_scores(
+    metric: Metric,
+    predictions: list[str],
+    references: list[list[str]],
+    lang: str = "en",
+) -> dict[str, list[float]]:
+    """Per-item 0-100 scores of the metrics that are means over items: their mean is exactly the
+    corpus score of :func:`compute_metrics` (ROUGE-1/2/L/Lsum; SQuAD EM and F1; translation exact
+    match). BLEU and chrF are not means of sentence scores (corpus n-gram statistics), so they are
+    absent: resample their statistics instead (``finetune.significance``)."""
+    _check_inputs(predictions, references)
+    if metric == "bleu_chrf":
+        fractions = {"exact_match": _translation_exact_match(predictions, references)}
+    elif metric == "rouge":
+        fractions = _rouge_items(predictions, references, lang)
+    elif metric == "squad":
+        fractions = _squad_items(predictions, references)
+    else:
+        raise ValueError(f"unknown metric {metric!r}; choose one of bleu_chrf, rouge, squad")
+    return {name: [100.0 * f for f in values] for name, values in fractions.items()}
 
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
