@@ -21,6 +21,7 @@ from torchmetrics import MeanMetric
 from common.deepspeed_strategy import offloads_optimizer
 from common.gradient_clipping import GradientClipping
 from common.checkpoint_io import CHECKPOINT_FORMAT, CHECKPOINT_KEY, CheckpointError, check_lmtrain_checkpoint
+from common.model_context import TRAINED_CONTEXT_KEY, record_trained_context
 from common.optim import build_adamw, build_warmup_cosine
 from common.throughput import decoder_flops_per_token, decoder_n_params, seq2seq_flops_per_example, seq2seq_shape
 from common.tokenizer import tokenizer_fingerprint, tokenizer_to_files
@@ -106,6 +107,8 @@ class PretrainSystem(GradientClipping, LightningModule):
             self.model.tie_weights()
         else:
             self.model = self.build_model(tokenizer, datamodule)
+        # The usable context of what this run trains: GPT's block, T5's encoder input (common/model_context.py).
+        record_trained_context(self.model.config, datamodule.block_size)
         if self.hparams.activation_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.hparams.compile:
@@ -180,6 +183,9 @@ class PretrainSystem(GradientClipping, LightningModule):
                 "(data.corpus.out_dir) or start a new run."
             )
         self._rng_to_restore = checkpoint.get("rng_states")
+        if self.model is not None and meta["hf_config"].get(TRAINED_CONTEXT_KEY):
+            # A run continued at another block size has been trained at the longer of the two.
+            record_trained_context(self.model.config, meta["hf_config"][TRAINED_CONTEXT_KEY])
 
     def on_train_start(self) -> None:
         # Restored here, not in on_load_checkpoint: the sanity check and set-up between loading and
