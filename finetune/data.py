@@ -1,39 +1,41 @@
 """Task rows -> token batches for fine-tuning and for evaluation by generation.
 
-Training (zero-shot prompts, the task template of the model's kind):
+Training (zero-shot prompts, the task template of the model's kind; ``finetune.train_examples``):
 * decoder-only: ``prompt + target_delimiter + target + EOS``; labels are -100 over the prompt, so
   the loss is on the completion and its EOS only (the model learns where to stop);
-* encoder-decoder: the prompt is the encoder input, ``target`` (+ EOS from the tokenizer) the labels.
+* encoder-decoder: the prompt is the encoder input, ``target`` (+ EOS) the labels.
 
-Evaluation items carry ``k`` demonstrations from the task's pool split (``finetune.few_shot``: a
-seeded draw per item, never the item itself, whole demonstrations dropped to fit the context), and
-their index, so predictions gathered from several ranks are put back in a fixed order. Every
-rendered evaluation prompt is written to ``<run dir>/prompts-<split>.jsonl``.
+Evaluation items (``finetune.eval_items``) carry ``k`` demonstrations from the task's pool split
+(a seeded draw per item, never the item itself up to normalisation, whole demonstrations dropped to
+fit the context), and their index, so predictions gathered from several ranks are put back in a
+fixed order. Every rendered evaluation prompt is written to ``<run dir>/prompts-<split>.jsonl``.
+
+Context: every sequence fits ``max_length`` tokens, by default the model's usable context
+(``common.model_context``: the length it was trained on, recorded in its config). A larger
+``max_length`` is the user's explicit choice and is warned about; past a learned-position table's
+size it is refused. Over-long prompts are shortened by one rule for training and evaluation
+(``finetune.truncation``).
 """
 
 from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
+from common.model_context import position_limit, usable_context
 from common.resumable_loader import ResumableDataLoader, ResumableShuffleSampler, batches_done_on_resume
-from finetune.few_shot import BuiltPrompt, build_prompt, sample_demonstrations
+from finetune.eval_items import EvalItemBuilder
 from finetune.tasks import TaskConfig, load_split, load_task
+from finetune.train_examples import TrainStats, tokenize_training_rows
 
 IGNORE_INDEX = -100  # label value cross-entropy skips
-
-
-def _end_with_eos(ids: list[int], eos: int, max_len: int) -> list[int]:
-    """``ids`` cut to ``max_len`` tokens, the last being EOS."""
-    ids = ids[:max_len]
-    return ids if ids and ids[-1] == eos else ids[: max_len - 1] + [eos]
 
 
 class FinetuneDataModule(LightningDataModule):
@@ -47,11 +49,15 @@ class FinetuneDataModule(LightningDataModule):
         test_split: Split scored by ``evaluate``/``test``.
         batch_size: Training sequences per device.
         eval_batch_size: Prompts per device per generate call.
-        max_length: Prompt + completion token budget (None: the model's context, capped at 1024).
+        max_length: Prompt + completion token budget. None: the model's usable context (the length
+            it was trained on; see common/model_context.py). Larger values are warned about.
         max_target_length: Completion/label tokens kept for training (longer targets are cut).
         max_new_tokens: Tokens generated per prompt (room kept for them in the context).
         max_train_examples: Random subset of the train split (None: all).
-        max_eval_examples: Random subset of the evaluation splits (None: all).
+        max_val_examples: Random subset of the validation split scored *during fit*, to pick
+            checkpoints cheaply (None: all).
+        max_eval_examples: Random subset of the split scored by ``evaluate``/``validate`` (None: the
+            whole split; a subset is reported as "n of N" everywhere).
         seed: Seed of the subsets, of the training order and of the demonstration draws.
         num_workers: DataLoader workers.
     """
@@ -69,23 +75,33 @@ class FinetuneDataModule(LightningDataModule):
         max_target_length: int = 128,
         max_new_tokens: int = 64,
         max_train_examples: int | None = None,
-        max_eval_examples: int | None = 200,
+        max_val_examples: int | None = 200,
+        max_eval_examples: int | None = None,
         seed: int = 1234,
         num_workers: int = 0,
     ) -> None:
         super().__init__()
         if shots < 0:
             raise ValueError(f"data.shots must be >= 0, got {shots}")
+        if max_target_length < 2:
+            raise ValueError(f"data.max_target_length must be >= 2 (a token and EOS), got {max_target_length}")
         self.task_name = task
         self.task: TaskConfig = load_task(task)  # fails fast: unknown keys, columns, template fields
         self.shots, self.seed, self.num_workers = shots, seed, num_workers
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.max_length, self.max_target_length, self.max_new_tokens = max_length, max_target_length, max_new_tokens
-        self.max_train_examples, self.max_eval_examples = max_train_examples, max_eval_examples
+        self.requested_max_length = max_length
+        self.max_length: int = 0  # resolved in setup, from the model
+        self.max_target_length, self.max_new_tokens = max_target_length, max_new_tokens
+        self.max_train_examples = max_train_examples
+        self.max_val_examples, self.max_eval_examples = max_val_examples, max_eval_examples
         self.tokenizer: Any = None
         self.kind = ""
+        self.context: dict[str, Any] = {}
         self.eval_items: dict[str, list[dict[str, Any]]] = {}  # stage -> items (index order)
+        self.eval_info: dict[str, dict[str, Any]] = {}  # stage -> {"n_total", "overlap"}
+        self.train_stats: TrainStats | None = None
+        self._train_examples: list[dict[str, list[int]]] | None = None
 
     # ---- set-up -------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -95,48 +111,63 @@ class FinetuneDataModule(LightningDataModule):
             system.build_from_scratch(self.task, self.splits["train"])
         self.tokenizer, self.kind = system.tokenizer, system.kind
         self.template = self.task.template(self.kind)
-        if self.max_length is None:
-            self.max_length = min(int(getattr(system.model.config, "n_positions", 0)
-                                      or getattr(system.model.config, "max_position_embeddings", 0) or 1024), 1024)
+        self.max_length = self._resolve_max_length(system.model.config)
         if stage == "fit":
             self.train_rows = load_split(self.task, self.splits["train"], self.max_train_examples, self.seed)
-            self.eval_items["val"] = self._eval_items(self.splits["val"])
+            self._build_eval("val", self.max_val_examples)
         if stage == "validate":
-            self.eval_items["val"] = self._eval_items(self.splits["val"])
+            self._build_eval("val", self.max_eval_examples)
         if stage == "test":
-            self.eval_items["test"] = self._eval_items(self.splits["test"])
+            self._build_eval("test", self.max_eval_examples)
+
+    def _resolve_max_length(self, config: Any) -> int:
+        """``max_length``: the model's usable context unless the user asked for more (warned) —
+        never past a learned-position table (refused)."""
+        usable, source = usable_context(config, self.tokenizer)
+        requested = self.requested_max_length
+        self.context = {"usable_context": usable, "context_source": source}
+        if requested is None:
+            length = usable
+        else:
+            if requested < 1:
+                raise ValueError(f"data.max_length must be >= 1, got {requested}")
+            hard = position_limit(config)
+            if hard is not None and requested > hard:
+                raise ValueError(f"data.max_length={requested} exceeds the model's {hard} learned positions; "
+                                 f"its usable context is {usable} ({source})")
+            if requested > usable:
+                rank_zero_warn(f"data.max_length={requested} exceeds the model's usable context of {usable} tokens "
+                               f"({source}): positions past it were never trained, and scores there are not "
+                               "comparable with scores inside it")
+            length = requested
+        if self.kind == "decoder" and self.max_new_tokens >= length:
+            raise ValueError(f"model.max_new_tokens={self.max_new_tokens} leaves no room for a prompt in "
+                             f"data.max_length={length} tokens")
+        return length
 
     def _count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
-    def _eval_items(self, split: str) -> list[dict[str, Any]]:
-        rows = load_split(self.task, split, self.max_eval_examples, self.seed)
-        pool = None
-        if self.shots:
-            pool = load_split(self.task, self.task.few_shot_split_for(split))
-            pool_ids, pool_sources = pool["id"], pool["source"]
+    def _build_eval(self, stage: str, max_examples: int | None) -> None:
         # Decoder-only: prompt and answer share the context. Encoder-decoder: the encoder input alone.
-        reserve = self.max_new_tokens if self.kind == "decoder" else 0
-        truncate_field = "context" if "context" in self.task.extra_fields else "source"
-        items = []
-        for index, row in enumerate(rows):
-            demos = []
-            if pool is not None:
-                same = lambda i: pool_ids[i] == row["id"] or pool_sources[i] == row["source"]  # noqa: E731
-                demos = [pool[i] for i in sample_demonstrations(len(pool), self.shots, self.seed, row["id"], same)]
-            built: BuiltPrompt = build_prompt(self.template, row, demos, self._count_tokens, self.max_length,
-                                              truncate_field=truncate_field, reserve_tokens=reserve)
-            items.append({"index": index, "id": row["id"], "source": row["source"], "references": row["references"],
-                          **asdict(built)})
-        return items
+        builder = EvalItemBuilder(self.task, self.template, self._count_tokens, self.max_length,
+                                  reserve_tokens=self.max_new_tokens if self.kind == "decoder" else 0,
+                                  shots=self.shots, seed=self.seed, train_split=self.splits["train"])
+        self.eval_items[stage], self.eval_info[stage] = builder.build(self.splits[stage], max_examples)
 
     def prompt_stats(self, stage: str) -> dict[str, Any]:
-        """Shots requested / used and how many prompts had their source truncated to fit."""
+        """Items scored of the split's total, shots requested / used, truncations, the context used,
+        and the overlap report (``finetune.eval_items``)."""
         items = self.eval_items.get(stage, [])
+        info = self.eval_info.get(stage, {})
         shots = [it["n_shots"] for it in items]
-        return {"shots_requested": self.shots, "shots_used_mean": statistics.fmean(shots) if shots else 0.0,
-                "shots_used_min": min(shots, default=0), "n_prompts": len(items),
-                "n_truncated": sum(it["truncated"] for it in items), "max_length": self.max_length}
+        return {"n_prompts": len(items), "n_total": info.get("n_total", len(items)),
+                "subset": len(items) < info.get("n_total", len(items)),
+                "shots_requested": self.shots, "shots_used_mean": statistics.fmean(shots) if shots else 0.0,
+                "shots_used_min": min(shots, default=0), "n_truncated": sum(it["truncated"] for it in items),
+                "long_field": self.task.long_field, "max_length": self.max_length,
+                "max_prompt_tokens": max((it["n_tokens"] for it in items), default=0), **self.context,
+                "overlap": info.get("overlap", {})}
 
     def dump_prompts(self, stage: str, out_dir: str | Path) -> Path:
         """Every rendered prompt of ``stage`` as JSON lines, for inspection."""
@@ -148,9 +179,19 @@ class FinetuneDataModule(LightningDataModule):
         return path
 
     # ---- loaders ------------------------------------------------------------------------------
+    def train_examples(self) -> list[dict[str, list[int]]]:
+        """The training rows as token ids that fit ``max_length`` (tokenized once, statistics logged)."""
+        if self._train_examples is None:
+            self._train_examples, self.train_stats = tokenize_training_rows(
+                list(self.train_rows), self.task, self.template, self.tokenizer, self.kind, self.max_length,
+                self.max_target_length)
+            rank_zero_info(self.train_stats.describe(self.task.long_field))
+            for logger in self.trainer.loggers:
+                logger.log_hyperparams({"train_prompts": self.train_stats.as_dict()})
+        return self._train_examples
+
     def train_dataloader(self) -> DataLoader:
-        rows = [{"prompt": self.template.render_prompt(r), "target": self.template.render_target(r),
-                 "completion": self.template.render_completion(r)} for r in self.train_rows]
+        rows = self.train_examples()
         trainer = self.trainer
         sampler = ResumableShuffleSampler(rows, self.batch_size, trainer.world_size, trainer.global_rank, self.seed)
         sampler.resume(*batches_done_on_resume(trainer))  # exact mid-epoch position after a restart
@@ -170,36 +211,17 @@ class FinetuneDataModule(LightningDataModule):
                           collate_fn=self.collate_eval, num_workers=self.num_workers)
 
     # ---- batching -----------------------------------------------------------------------------
-    def collate_train(self, rows: list[dict[str, str]]) -> dict[str, torch.Tensor]:
-        tok = self.tokenizer
+    def collate_train(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        """Right-padded batches of ``train_examples`` rows."""
+        pad = self.tokenizer.pad_token_id
         if self.kind == "encoder_decoder":
-            enc = tok([r["prompt"] for r in rows], truncation=True, max_length=self.max_length, padding=True,
-                      return_tensors="pt")
-            targets = tok(text_target=[r["target"] for r in rows])["input_ids"]
-            # T5/BART/Marian tokenizers end targets with EOS; a plain BPE trained from scratch does
-            # not, and a model that never sees EOS never learns to stop.
-            targets = [_end_with_eos(t, tok.eos_token_id, self.max_target_length) for t in targets]
-            label_ids = torch.full((len(rows), max(map(len, targets))), IGNORE_INDEX, dtype=torch.long)  # (B, T_out)
-            for i, t in enumerate(targets):
-                label_ids[i, : len(t)] = torch.tensor(t)
-            return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": label_ids}
-        sequences, label_lists = [], []
-        for r in rows:
-            prompt = tok(r["prompt"], add_special_tokens=True)["input_ids"]  # the model's own BOS convention
-            completion = tok(r["completion"], add_special_tokens=False)["input_ids"][: self.max_target_length - 1]
-            completion = completion + [tok.eos_token_id]
-            prompt = prompt[-(self.max_length - len(completion)):]  # keep the prompt's end ("French:")
-            sequences.append(prompt + completion)
-            label_lists.append([IGNORE_INDEX] * len(prompt) + completion)
-        width = max(len(s) for s in sequences)
-        input_ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)  # (B, T)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (seq, lab) in enumerate(zip(sequences, label_lists)):  # right padding for training
-            input_ids[i, : len(seq)] = torch.tensor(seq)
-            labels[i, : len(lab)] = torch.tensor(lab)
-            attention[i, : len(seq)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+            return {"input_ids": _pad([r["input_ids"] for r in rows], pad),  # (B, T_in)
+                    "attention_mask": _pad([[1] * len(r["input_ids"]) for r in rows], 0),
+                    "labels": _pad([r["labels"] for r in rows], IGNORE_INDEX)}  # (B, T_out)
+        sequences = [r["prompt_ids"] + r["completion_ids"] for r in rows]
+        labels = [[IGNORE_INDEX] * len(r["prompt_ids"]) + r["completion_ids"] for r in rows]
+        return {"input_ids": _pad(sequences, pad), "attention_mask": _pad([[1] * len(s) for s in sequences], 0),
+                "labels": _pad(labels, IGNORE_INDEX)}  # (B, T) each
 
     def collate_eval(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         tok = self.tokenizer
@@ -210,3 +232,11 @@ class FinetuneDataModule(LightningDataModule):
         tok.padding_side = "right"
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                 "index": torch.tensor([it["index"] for it in items])}
+
+
+def _pad(lists: list[list[int]], value: int) -> torch.Tensor:
+    """Right-pad token id lists to one (B, T_max) tensor."""
+    out = torch.full((len(lists), max(map(len, lists))), value, dtype=torch.long)
+    for i, ids in enumerate(lists):
+        out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return out

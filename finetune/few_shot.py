@@ -11,24 +11,27 @@ Fitting rules (`build_prompt`), in order:
    `sample_demonstrations` returns nested draws (the first n of a k-shot draw are the n-shot
    draw), a prompt cut to n shots is the same prompt as one built with k = n. A demonstration
    is never cut part-way: a half demonstration teaches the wrong format.
-3. If even zero shots do not fit, truncate the item's `truncate_field` text, keeping its
-   beginning: the longest prefix ending at a word boundary (whitespace-separated words, found by
-   binary search on the word count) that fits; if not even the first word fits (e.g. text
-   without spaces), the longest character prefix. ``truncated`` is then True.
-4. If the template with an empty `truncate_field` still does not fit, raise ValueError.
+3. If even zero shots do not fit, shorten the item's `long_field` by the one truncation rule of
+   training and evaluation (`finetune.truncation`: keep its beginning, cut at a word boundary).
+   ``truncated`` is then True.
+4. If the template with an empty `long_field` still does not fit, raise ValueError.
+
+Leakage: the item itself must never be a demonstration. Exact string equality is not enough —
+DialogSum's dev split has 51 of 500 dialogues that equal a train dialogue up to whitespace or
+case — so items are compared by `leakage_key`: their source and long field, normalised
+(`normalize_text`: Unicode NFKC, case-folded, letters and digits only).
 """
 
 from __future__ import annotations
 
 import random
-import re
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from finetune.prompts import PromptTemplate
-
-_WORD = re.compile(r"\S+")
+from finetune.truncation import fit_long_field
 
 
 @dataclass
@@ -94,7 +97,7 @@ def build_prompt(
     demos: Sequence[Mapping[str, Any]],
     count_tokens: Callable[[str], int],
     max_tokens: int,
-    truncate_field: str = "source",
+    long_field: str = "source",
     reserve_tokens: int = 0,
 ) -> BuiltPrompt:
     """Assemble a few-shot prompt that fits ``max_tokens - reserve_tokens`` (rules: module doc).
@@ -116,62 +119,23 @@ def build_prompt(
         if n_tokens <= budget:
             return BuiltPrompt(text, n_shots, len(demos), n_tokens, truncated=False)
 
-    text, n_tokens = _truncate_item(template, item, count_tokens, budget, truncate_field)
-    return BuiltPrompt(text, 0, len(demos), n_tokens, truncated=True)
+    fitted = fit_long_field(lambda it: _assemble(template, [], template.render_prompt(it)), item, count_tokens,
+                            budget, long_field)
+    return BuiltPrompt(fitted.text, 0, len(demos), fitted.n_tokens, truncated=True)
+
+
+def normalize_text(text: str) -> str:
+    """Text compared for leakage: NFKC, case-folded, only letters and digits kept (punctuation,
+    symbols and whitespace dropped, so "campus, 5" and "Campus 5" and "campus5" are one text)."""
+    return "".join(ch for ch in unicodedata.normalize("NFKC", text).casefold() if ch.isalnum())
+
+
+def leakage_key(row: Mapping[str, Any], long_field: str = "source") -> str:
+    """What makes two examples the same item: their normalised source and long field (SQuAD: the
+    question and its context; a question asked of another paragraph is another item)."""
+    fields = ["source"] + ([long_field] if long_field != "source" else [])
+    return "\x1f".join(normalize_text(str(row.get(f, ""))) for f in fields)
 
 
 def _assemble(template: PromptTemplate, demo_texts: Sequence[str], item_prompt: str) -> str:
     return template.instruction + template.demo_separator.join([*demo_texts, item_prompt])
-
-
-def _truncate_item(
-    template: PromptTemplate,
-    item: Mapping[str, Any],
-    count_tokens: Callable[[str], int],
-    budget: int,
-    truncate_field: str,
-) -> tuple[str, int]:
-    """The zero-shot prompt with the longest prefix of ``item[truncate_field]`` that fits."""
-    value = item.get(truncate_field)
-    if not isinstance(value, str):
-        raise ValueError(
-            f"the prompt does not fit in {budget} tokens even without demonstrations, and "
-            f"truncate_field {truncate_field!r} is not a text field of the item "
-            f"(fields: {sorted(item)})"
-        )
-
-    def render(prefix: str) -> tuple[str, int]:
-        text = _assemble(template, [], template.render_prompt({**item, truncate_field: prefix}))
-        return text, count_tokens(text)
-
-    empty = render("")
-    if empty[1] > budget:
-        raise ValueError(
-            f"the prompt template alone ({empty[1]} tokens with an empty {truncate_field!r}) "
-            f"does not fit in max_tokens - reserve_tokens = {budget}"
-        )
-    word_ends = [m.end() for m in _WORD.finditer(value)]
-    best = _longest_fitting(word_ends, lambda end: render(value[:end]), budget)
-    if best is None:  # not even one word fits: fall back to characters
-        char_ends = list(range(1, len(value) + 1))
-        best = _longest_fitting(char_ends, lambda end: render(value[:end]), budget)
-    return best if best is not None else empty
-
-
-def _longest_fitting(
-    cut_points: Sequence[int], render: Callable[[int], tuple[str, int]], budget: int
-) -> tuple[str, int] | None:
-    """Binary search the largest cut point whose rendering fits `budget`; None if none fits.
-
-    Assumes token counts grow with the prefix length (true up to rare BPE merges; the returned
-    rendering is always one that was measured to fit).
-    """
-    lo, hi, best = 0, len(cut_points) - 1, None
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        rendered = render(cut_points[mid])
-        if rendered[1] <= budget:
-            best, lo = rendered, mid + 1
-        else:
-            hi = mid - 1
-    return best

@@ -7,17 +7,36 @@ import json
 from pathlib import Path
 from typing import Any
 
+from finetune.significance import format_interval
+
 
 def results_markdown(results: dict[str, Any]) -> str:
-    """One-row markdown table: model, task, shots, the metric's scores, prompt statistics."""
+    """One-row markdown table: model, task, shots, each score with its 95% interval, n of N, prompt
+    statistics; then the metric signatures, the context used and the overlap report."""
     scores = {k: v for k, v in results["metrics"].items() if isinstance(v, float)}
-    head = ["model", "task", "split", "shots (used)", *scores, "n", "truncated", "empty"]
+    intervals = results.get("ci95", {})
+    head = ["model", "task", "split", "shots (used)", *(f"{k} [95% CI]" for k in scores), "n of N", "truncated",
+            "empty"]
     row = [results["model"], results["task"], results["split"],
-           f"{results['shots_requested']} ({results['shots_used_mean']:.2f})", *(f"{v:.2f}" for v in scores.values()),
-           str(results["n_prompts"]), str(results["n_truncated"]), str(results["metrics"]["n_empty_predictions"])]
-    signatures = [f"{k}: `{v}`" for k, v in results["metrics"].items() if k.endswith(("signature", "tokenizer"))]
+           f"{results['shots_requested']} ({results['shots_used_mean']:.2f})",
+           *(format_interval(v, intervals.get(k)) for k, v in scores.items()),
+           f"{results['n_prompts']} of {results.get('n_total', results['n_prompts'])}", str(results["n_truncated"]),
+           str(results["metrics"]["n_empty_predictions"])]
+    notes = [f"{k}: `{v}`" for k, v in results["metrics"].items() if k.endswith(("signature", "tokenizer"))]
+    notes += [f"intervals: `{m}`" for m in dict.fromkeys(results.get("ci_method", {}).values())]
+    if "usable_context" in results:
+        notes.append(f"context: prompts of at most {results['max_prompt_tokens']} tokens within max_length "
+                     f"{results['max_length']} (usable context {results['usable_context']}: "
+                     f"{results['context_source']})")
+    for role, report in results.get("overlap", {}).items():
+        if report["n"] is None:
+            notes.append(f"overlap with the {role} split `{report['split']}`: not checked ({report['not_checked']})")
+            continue
+        notes.append(f"overlap with the {role} split `{report['split']}`: {report['n']} of {report['of']} items "
+                     "have a normalised duplicate there" + (f" (e.g. {report['pairs'][0][0]} ~ "
+                                                             f"{report['pairs'][0][1]})" if report["pairs"] else ""))
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), "| " + " | ".join(row) + " |"]
-    return "\n".join(lines + ([""] + signatures if signatures else [])) + "\n"
+    return "\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else [])) + "\n"
 
 
 def write_results(results: dict[str, Any], items: list[dict[str, Any]], out_dir: str | Path) -> Path:

@@ -20,11 +20,13 @@ from lightning.pytorch import LightningModule
 from common.checkpoint_io import CHECKPOINT_FORMAT, CHECKPOINT_KEY, CheckpointError, check_lmtrain_checkpoint
 from common.deepspeed_strategy import generation_needs_sync, offloads_optimizer
 from common.gradient_clipping import GradientClipping
+from common.model_context import record_trained_context
 from common.optim import build_adamw, build_warmup_cosine
 from common.tokenizer import tokenizer_to_files
 from finetune.metrics import compute_metrics
 from finetune.pretrained import build_scratch_model, load_pretrained, scratch_kind, scratch_tokenizer
 from finetune.prompts import strip_completion
+from finetune.significance import confidence_intervals
 
 PRIMARY_METRIC = {"bleu_chrf": "bleu", "rouge": "rougeL", "squad": "f1"}
 
@@ -91,6 +93,13 @@ class FinetuneSystem(GradientClipping, LightningModule):
         self.model = build_scratch_model(self.hparams.scratch, self.tokenizer)
 
     # ---- training -----------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        # Fine-tuning past the usable context (an explicit data.max_length) trains those positions:
+        # the checkpoint and its export then declare the longer context.
+        datamodule = self.trainer.datamodule
+        if datamodule.max_length > datamodule.context["usable_context"]:
+            record_trained_context(self.model.config, datamodule.max_length)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.model(**batch).loss  # mean over completion/label tokens (-100 elsewhere)
         self.log("train/loss", loss, prog_bar=True)
@@ -155,12 +164,14 @@ class FinetuneSystem(GradientClipping, LightningModule):
         if len(predictions) != len(items):
             raise RuntimeError(f"{stage}: {len(predictions)} predictions for {len(items)} items")
         task = datamodule.task
-        metrics = compute_metrics(task.metric, predictions, [it["references"] for it in items],
-                                  lang=task.target_lang or "en")
+        references, lang = [it["references"] for it in items], task.target_lang or "en"
+        metrics = compute_metrics(task.metric, predictions, references, lang=lang)
+        intervals = confidence_intervals(task.metric, predictions, references, lang=lang)
         primary = PRIMARY_METRIC[task.metric]
         self.last_results = {"task": task.name, "split": datamodule.splits[stage], "model": self.hparams.init,
                              "kind": self.kind, "metric": task.metric, "score": metrics[primary],
-                             "score_name": primary, "metrics": metrics, **datamodule.prompt_stats(stage),
+                             "score_name": primary, "metrics": metrics, "ci95": intervals["intervals"],
+                             "ci_method": intervals["method"], **datamodule.prompt_stats(stage),
                              "num_beams": self.hparams.num_beams, "max_new_tokens": self.hparams.max_new_tokens,
                              "predictions": predictions}
         return self.last_results

@@ -38,6 +38,8 @@ to add your own, write a YAML file and pass its path. Schema (every key of :clas
     source_lang: en                   # language codes for metric tokenization
     target_lang: en
     few_shot_split: train             # demonstration pool, or {eval split: pool split}
+    long_field: null                  # the field shortened when a prompt does not fit (a word-boundary cut,
+                                      #   finetune/truncation.py); default: context if an extra field, else source
     max_source_chars: null            # cut longer sources to this many characters
     templates:                        # per model family; keys of finetune.prompts.PromptTemplate
       decoder: {prompt: "{{ source }}\\nTL;DR:", target_delimiter: " ", stop: ["\\n"]}
@@ -112,12 +114,15 @@ class TaskConfig:
     source_lang: str | None = None
     target_lang: str | None = None
     few_shot_split: str | dict[str, str] = "train"
+    long_field: str | None = None
     max_source_chars: int | None = None
     templates: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.metric is None and self.kind in DEFAULT_METRIC:
             self.metric = DEFAULT_METRIC[self.kind]  # type: ignore[assignment]
+        if self.long_field is None and isinstance(self.extra_fields, list):
+            self.long_field = "context" if "context" in self.extra_fields else "source"
         _validate(self)
 
     @property
@@ -200,6 +205,9 @@ def _validate(task: TaskConfig) -> None:
         if unknown:
             raise ValueError(f"{where}: few_shot_split names unknown split(s) {unknown} "
                              f"(available: {list(task.splits)})")
+    if task.long_field not in task.fields:
+        raise ValueError(f"{where}: long_field={task.long_field!r} is not a field of the task's rows "
+                         f"(fields: {task.fields})")
     if task.max_source_chars is not None and task.max_source_chars < 1:
         raise ValueError(f"{where}: max_source_chars={task.max_source_chars} must be >= 1 (or null)")
     _validate_templates(task)

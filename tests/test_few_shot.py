@@ -86,14 +86,14 @@ def test_truncation_falls_back_to_characters_for_text_without_spaces() -> None:
 
 
 def test_template_alone_too_long_or_bad_field_is_an_error() -> None:
-    with pytest.raises(ValueError, match="template alone"):
+    with pytest.raises(ValueError, match="template with an empty 'source' already takes 3 tokens"):
         build_prompt(TEMPLATE, ITEM, POOL[:1], count_words, max_tokens=2)
     qa = PromptTemplate(prompt="Context: {{ context }}\nQ: {{ question }}\nA:")
     item = {"context": "a b c d e f", "question": "q"}
-    expected = r"truncate_field 'source'.*fields: \['context', 'question'\]"
+    expected = r"field to shorten, 'source', is not a text field.*fields: \['context', 'question'\]"
     with pytest.raises(ValueError, match=expected):
         build_prompt(qa, item, [], count_words, max_tokens=4)
-    built = build_prompt(qa, item, [], count_words, max_tokens=6, truncate_field="context")
+    built = build_prompt(qa, item, [], count_words, max_tokens=6, long_field="context")
     assert built.text == "Context: a b\nQ: q\nA:"
 
 

@@ -64,7 +64,7 @@ def test_fine_tune_released_checkpoint_then_evaluate_and_export(kind: str, tiny:
     run = tmp_path / "run"
     fit = finetune_cli(["fit", "--model.init", str(tiny[kind]), "--data.task", task, "--data.val_split", "test",
                         "--data.batch_size", "2",
-                        "--data.max_eval_examples", "3", "--model.max_new_tokens", "4", "--model.lr", "1e-3",
+                        "--data.max_val_examples", "3", "--model.max_new_tokens", "4", "--model.lr", "1e-3",
                         "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.log_every_n_steps", "1",
                         "--trainer.default_root_dir", str(run), *QUIET])
     assert fit.trainer.global_step == 4
@@ -88,18 +88,26 @@ def test_fine_tune_released_checkpoint_then_evaluate_and_export(kind: str, tiny:
     assert AutoTokenizer.from_pretrained(out)("Paris")["input_ids"] == fit.model.tokenizer("Paris")["input_ids"]
 
 
-def test_decoder_labels_cover_only_the_completion_and_eos(tiny: dict[str, Path]) -> None:
+def _train_batch(tiny_dir: Path, kind: str, rows: list[dict], task: str = "tatoeba_en_fr", max_length: int = 128,
+                 max_target_length: int = 128):
+    """(data module, tokenizer, batch) for ``rows`` through the training path: fit, tokenize, collate."""
     from finetune.pretrained import load_pretrained
+    from finetune.train_examples import tokenize_training_rows
 
-    loaded = load_pretrained(str(tiny["gpt2"]))
-    data = FinetuneDataModule("tatoeba_en_fr")
-    data.tokenizer, data.kind, data.max_length = loaded.tokenizer, "decoder", 128
-    data.template = data.task.template("decoder")
+    loaded = load_pretrained(str(tiny_dir))
+    data = FinetuneDataModule(task)
+    data.tokenizer, data.kind, data.max_length = loaded.tokenizer, loaded.kind, max_length
+    data.template = data.task.template(loaded.kind)
+    rows = [{"id": str(i), "references": [r["target"]], **r} for i, r in enumerate(rows)]
+    examples, stats = tokenize_training_rows(rows, data.task, data.template, loaded.tokenizer, loaded.kind,
+                                             max_length, max_target_length)
+    return data, loaded.tokenizer, data.collate_train(examples), stats
+
+
+def test_decoder_labels_cover_only_the_completion_and_eos(tiny: dict[str, Path]) -> None:
     row = {"source": "I am happy.", "target": "Je suis content."}
+    data, tok, batch, _ = _train_batch(tiny["gpt2"], "gpt2", [row, {"source": "Hi.", "target": "Salut."}])
     prompt, completion = data.template.render_prompt(row), data.template.render_completion(row)
-    batch = data.collate_train([{"prompt": prompt, "target": row["target"], "completion": completion},
-                                {"prompt": "English: Hi.\nFrench:", "target": "Salut.", "completion": " Salut."}])
-    tok = loaded.tokenizer
     n_prompt = len(tok(prompt)["input_ids"])
     expected = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     labels = batch["labels"][0]
@@ -111,20 +119,30 @@ def test_decoder_labels_cover_only_the_completion_and_eos(tiny: dict[str, Path])
 
 
 def test_seq2seq_labels_are_the_target_with_padding_ignored(tiny: dict[str, Path]) -> None:
-    from finetune.pretrained import load_pretrained
-
-    loaded = load_pretrained(str(tiny["t5"]))
-    data = FinetuneDataModule("tatoeba_en_fr")
-    data.tokenizer, data.kind, data.max_length = loaded.tokenizer, "encoder_decoder", 128
-    batch = data.collate_train([{"prompt": "translate: a", "target": "Je suis content.", "completion": ""},
-                                {"prompt": "translate: b", "target": "Oui.", "completion": ""}])
-    tok = loaded.tokenizer
+    rows = [{"source": "a", "target": "Je suis content."}, {"source": "b", "target": "Oui."}]
+    _, tok, batch, _ = _train_batch(tiny["t5"], "t5", rows)
     eos = [tok.eos_token_id]  # this byte-level BPE adds no EOS itself; the labels must end with one
     assert tok(text_target="Oui.")["input_ids"][-1] != tok.eos_token_id
     assert batch["labels"][0].tolist() == tok(text_target="Je suis content.")["input_ids"] + eos
     short = tok(text_target="Oui.")["input_ids"] + eos
     assert batch["labels"][1, : len(short)].tolist() == short
     assert (batch["labels"][1, len(short):] == IGNORE_INDEX).all()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "t5"])
+def test_training_sequences_never_exceed_max_length(kind: str, tiny: dict[str, Path]) -> None:
+    """Issue 10, defect 7: a completion as long as max_length used to keep the whole prompt too."""
+    long_target = " ".join(["Paris"] * 80)
+    rows = [{"source": "I am happy.", "target": long_target},
+            {"source": " ".join(["word"] * 200), "target": "Oui."}]
+    data, tok, batch, stats = _train_batch(tiny[kind], kind, rows, max_length=24, max_target_length=64)
+    width = batch["input_ids"].shape[1]
+    assert width <= 24 and batch["labels"].shape[1] <= 64
+    assert stats.n_target_cut == 1 and stats.n_truncated >= 1
+    if kind == "gpt2":
+        assert (batch["labels"][:, -1][batch["attention_mask"][:, -1] == 1] == tok.eos_token_id).all()
+        prompt = tok.decode(batch["input_ids"][0][batch["labels"][0] == IGNORE_INDEX])
+        assert prompt.startswith("English:") and prompt.endswith("French:")  # the template stays whole
 
 
 def test_prompts_longer_than_the_context_are_truncated_and_counted(tiny: dict[str, Path], data_root: Path,
@@ -146,7 +164,7 @@ def test_interrupted_fine_tuning_resumes_exactly(tiny: dict[str, Path], tmp_path
 
     def fit(run: Path, *extra: str):
         return finetune_cli(["fit", "--model.init", str(tiny["gpt2"]), "--data.task", task, "--data.val_split", "test",
-                             "--data.batch_size", "1", "--data.max_eval_examples", "2", "--model.max_new_tokens", "2",
+                             "--data.batch_size", "1", "--data.max_val_examples", "2", "--model.max_new_tokens", "2",
                              "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
                              "--trainer.default_root_dir", str(run), "--trainer.accelerator", "cpu",
                              "--trainer.enable_progress_bar", "false", *extra])

@@ -34,7 +34,7 @@ def _fit(family: str, run: Path, steps: int, *extra: str):
 def test_reverse_loss_falls(family: str, tmp_path: Path) -> None:
     recorder = tmp_path / "rec.yaml"
     recorder.write_text("trainer:\n  callbacks:\n    - class_path: tests.tiny_run.LossRecorder\n")
-    cli = _fit(family, tmp_path, 40, "--trainer.val_check_interval", "40", "--data.max_eval_examples", "8",
+    cli = _fit(family, tmp_path, 40, "--trainer.val_check_interval", "40", "--data.max_val_examples", "8",
                "--config", str(recorder))
     losses = next(cb for cb in cli.trainer.callbacks if isinstance(cb, LossRecorder)).losses
     assert len(losses) == 40
@@ -44,7 +44,7 @@ def test_reverse_loss_falls(family: str, tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_reverse_is_solved(family: str, tmp_path: Path) -> None:
-    _fit(family, tmp_path, 1500, "--trainer.val_check_interval", "1500", "--data.max_eval_examples", "200")
+    _fit(family, tmp_path, 1500, "--trainer.val_check_interval", "1500", "--data.max_val_examples", "200")
     test = finetune_cli(["test", "--model.init", str(tmp_path / "checkpoints" / "last.ckpt"), "--data.task", "reverse",
                          "--model.max_new_tokens", "16", "--data.eval_batch_size", "200", "--trainer.logger", "false",
                          "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "test")])
