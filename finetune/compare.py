@@ -5,10 +5,12 @@ Each model is an entry of ``models`` (an HF config for ``--model.scratch``: our 
 attention, with Bahdanau or Luong attention, and a transformer encoder-decoder of similar size).
 All share one tokenizer (a BPE trained once on the task's train split), the same data order,
 batch size and number of optimizer steps; wall time is reported next to the scores. Every model
-is fine-tuned with the public `finetune fit` and scored with `finetune evaluate` on the test split.
+is fine-tuned with the public `finetune fit` and scored with `finetune evaluate` on the whole test
+split (unless ``max_eval_examples`` says otherwise). Every score has its 95% interval and every pair
+of models a paired significance test on the same sentences (``finetune.significance``).
 Outputs in ``out_dir``: ``comparison.md`` (BLEU/chrF overall and by source length, parameters,
-time), ``bleu_by_length.png`` (the shape of Bahdanau et al. 2014, Fig. 2), ``comparison.json``,
-attention plots of the best model, and a W&B table.
+time, paired tests), ``bleu_by_length.png`` (the shape of Bahdanau et al. 2014, Fig. 2, with 95%
+intervals), ``comparison.json``, attention plots of the best model, and a W&B table.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.metrics import compute_metrics
+from finetune.significance import confidence_intervals, format_interval, paired_test
 
 
 @dataclass
@@ -35,7 +38,7 @@ class CompareConfig:
         max_steps: The shared budget: optimizer steps per model.
         batch_size: Training sentences per step.
         max_train_examples: Random subset of the train split (None: all).
-        max_eval_examples: Random subset of the test split scored (None: all).
+        max_eval_examples: Random subset of the test split scored (None: the whole split).
         val_check_interval: Steps between validations (best checkpoint by validation BLEU).
         tokenizer_vocab_size: Vocabulary of the shared BPE.
         length_buckets: Upper bounds (source words, inclusive) of the length buckets.
@@ -52,7 +55,7 @@ class CompareConfig:
     max_steps: int = 2000
     batch_size: int = 64
     max_train_examples: int | None = None
-    max_eval_examples: int | None = 1000
+    max_eval_examples: int | None = None
     val_check_interval: int = 500
     tokenizer_vocab_size: int = 8000
     length_buckets: list[int] = field(default_factory=lambda: [4, 6, 8, 10, 15, 1000])
@@ -75,7 +78,7 @@ def train_and_score(cfg: CompareConfig, name: str, scratch: dict[str, Any], toke
     started = time.time()
     fit = finetune_cli(["fit", "--model.scratch", json.dumps(scratch), "--model.lr", str(cfg.learning_rates.get(name, cfg.lr)),
                         "--model.warmup_steps", str(cfg.warmup_steps), "--data.batch_size", str(cfg.batch_size),
-                        "--data.max_eval_examples", "200", "--trainer.max_steps", str(cfg.max_steps),
+                        "--data.max_val_examples", "200", "--trainer.max_steps", str(cfg.max_steps),
                         "--trainer.val_check_interval", str(cfg.val_check_interval),
                         *(["--model.tokenizer", tokenizer] if tokenizer else
                           ["--model.tokenizer_vocab_size", str(cfg.tokenizer_vocab_size)]),
@@ -84,30 +87,47 @@ def train_and_score(cfg: CompareConfig, name: str, scratch: dict[str, Any], toke
     train_seconds = time.time() - started
     n_params = sum(p.numel() for p in fit.model.model.parameters())
     best = fit.trainer.checkpoint_callback.best_model_path or str(run_dir / "checkpoints" / "last.ckpt")
-    test = finetune_cli(["test", "--model.init", best, "--model.num_beams", str(cfg.num_beams),
-                         "--data.max_eval_examples", str(cfg.max_eval_examples or 10**9),
+    subset = [] if cfg.max_eval_examples is None else ["--data.max_eval_examples", str(cfg.max_eval_examples)]
+    test = finetune_cli(["test", "--model.init", best, "--model.num_beams", str(cfg.num_beams), *subset,
                          "--trainer.logger", "false", *_common_args(cfg, run_dir / "test")])
     results = test.model.last_results
     items = test.datamodule.eval_items["test"]
     return {"name": name, "params": n_params, "train_seconds": train_seconds, "checkpoint": best,
             "bleu": results["metrics"]["bleu"], "chrf": results["metrics"]["chrf"],
-            "exact_match": results["metrics"]["exact_match"], "predictions": results["predictions"],
+            "exact_match": results["metrics"]["exact_match"], "ci95": results["ci95"],
+            "n": results["n_prompts"], "n_total": results["n_total"], "predictions": results["predictions"],
             "references": [it["references"] for it in items], "sources": [it["source"] for it in items],
             "tokenizer": str(run_dir / "tokenizer") if (run_dir / "tokenizer").is_dir() else tokenizer}
 
 
 def bleu_by_length(result: dict[str, Any], buckets: list[int], lang: str) -> list[dict[str, Any]]:
-    """Corpus BLEU per bucket of source length (whitespace words): [{bucket, n, bleu}]."""
+    """Corpus BLEU per bucket of source length (whitespace words) with its 95% interval:
+    [{bucket, n, bleu, chrf, bleu_ci}]."""
     out, low = [], 1
     for high in buckets:
         idx = [i for i, s in enumerate(result["sources"]) if low <= len(s.split()) <= high]
         if idx:
-            metrics = compute_metrics("bleu_chrf", [result["predictions"][i] for i in idx],
-                                      [result["references"][i] for i in idx], lang=lang)
+            predictions = [result["predictions"][i] for i in idx]
+            references = [result["references"][i] for i in idx]
+            metrics = compute_metrics("bleu_chrf", predictions, references, lang=lang)
+            ci = confidence_intervals("bleu_chrf", predictions, references, lang=lang)["intervals"]
             label = f"{low}-{high}" if high < 1000 else f"{low}+"
-            out.append({"bucket": label, "n": len(idx), "bleu": metrics["bleu"], "chrf": metrics["chrf"]})
+            out.append({"bucket": label, "n": len(idx), "bleu": metrics["bleu"], "chrf": metrics["chrf"],
+                        "bleu_ci": ci["bleu"]})
         low = high + 1
     return out
+
+
+def paired_comparisons(results: list[dict[str, Any]], lang: str) -> list[dict[str, Any]]:
+    """Every pair of models on the same test sentences: BLEU and chrF differences, paired AR p-values."""
+    rows = []
+    for i, a in enumerate(results):
+        for b in results[i + 1:]:
+            tests = paired_test("bleu_chrf", a["predictions"], b["predictions"], a["references"], lang=lang)
+            rows.append({"baseline": a["name"], "system": b["name"],
+                         **{f"{k}_{f}": tests[k][f] for k in ("bleu", "chrf") for f in ("delta", "p_value", "significant")},
+                         "test": tests["bleu"]["test"]})
+    return rows
 
 
 def plot_bleu_by_length(table: dict[str, list[dict[str, Any]]], path: Path, title: str) -> Path:
@@ -117,9 +137,14 @@ def plot_bleu_by_length(table: dict[str, list[dict[str, Any]]], path: Path, titl
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name, rows in table.items():
-        ax.plot([r["bucket"] for r in rows], [r["bleu"] for r in rows], marker="o", label=name)
-    ax.set_xlabel("source sentence length (words)")
+    for k, (name, rows) in enumerate(table.items()):
+        x = [j + 0.06 * (k - (len(table) - 1) / 2) for j in range(len(rows))]  # side by side, not on top
+        y = [r["bleu"] for r in rows]
+        err = [[r["bleu"] - r["bleu_ci"][0] for r in rows], [r["bleu_ci"][1] - r["bleu"] for r in rows]]
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name)
+    ax.set_xticks(range(len(next(iter(table.values())))), [f"{r['bucket']}\n(n={r['n']})"
+                                                            for r in next(iter(table.values()))])
+    ax.set_xlabel("source sentence length (words); bars: 95% bootstrap intervals")
     ax.set_ylabel("BLEU")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
@@ -131,23 +156,36 @@ def plot_bleu_by_length(table: dict[str, list[dict[str, Any]]], path: Path, titl
 
 
 def render_markdown(cfg: CompareConfig, results: list[dict[str, Any]], by_length: dict[str, list[dict]],
-                    wall_seconds: float) -> str:
+                    paired: list[dict[str, Any]], wall_seconds: float) -> str:
+    first = results[0]
     lines = [f"# RNN baselines vs transformer on `{cfg.task}`", "",
              f"Budget: {cfg.max_steps} optimizer steps x {cfg.batch_size} sentences per model, the same shared "
              f"BPE ({cfg.tokenizer_vocab_size}) and data order; best checkpoint by validation BLEU; test: "
-             f"{len(results[0]['predictions'])} sentences, {'greedy' if cfg.num_beams == 1 else f'beam {cfg.num_beams}'}. "
-             f"Total wall time {wall_seconds / 60:.1f} min.", "",
-             "| model | parameters | train time (min) | BLEU | chrF | exact match (%) |", "|---|---|---|---|---|---|"]
+             f"{first['n']} of {first['n_total']} sentences, "
+             f"{'greedy' if cfg.num_beams == 1 else f'beam {cfg.num_beams}'}. "
+             f"Total wall time {wall_seconds / 60:.1f} min. Scores with 95% bootstrap intervals.", "",
+             "| model | parameters | train time (min) | BLEU [95% CI] | chrF [95% CI] | exact match (%) |",
+             "|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['name']} | {r['params'] / 1e6:.2f} M | {r['train_seconds'] / 60:.1f} | {r['bleu']:.2f} | "
-                     f"{r['chrf']:.2f} | {r['exact_match']:.1f} |")
+        lines.append(f"| {r['name']} | {r['params'] / 1e6:.2f} M | {r['train_seconds'] / 60:.1f} | "
+                     f"{format_interval(r['bleu'], r['ci95'].get('bleu'))} | "
+                     f"{format_interval(r['chrf'], r['ci95'].get('chrf'))} | {r['exact_match']:.1f} |")
     buckets = [row["bucket"] for row in next(iter(by_length.values()))]
-    lines += ["", "BLEU by source length (words):", "",
+    lines += ["", "BLEU by source length (words), [95% CI]:", "",
               "| model | " + " | ".join(f"{b} (n={row['n']})" for b, row in
                                        zip(buckets, next(iter(by_length.values())))) + " |",
               "|---|" + "---|" * len(buckets)]
     for name, rows in by_length.items():
-        lines.append(f"| {name} | " + " | ".join(f"{row['bleu']:.2f}" for row in rows) + " |")
+        lines.append(f"| {name} | " + " | ".join(format_interval(row["bleu"], row["bleu_ci"]) for row in rows) + " |")
+    lines += ["", "Paired tests on the same test sentences (significant: p < 0.05):", "",
+              "| baseline | system | BLEU difference | p | chrF difference | p | significant (BLEU / chrF) |",
+              "|---|---|---|---|---|---|---|"]
+    for p in paired:
+        lines.append(f"| {p['baseline']} | {p['system']} | {p['bleu_delta']:+.2f} | {p['bleu_p_value']:.4f} | "
+                     f"{p['chrf_delta']:+.2f} | {p['chrf_p_value']:.4f} | "
+                     f"{'yes' if p['bleu_significant'] else 'no'} / {'yes' if p['chrf_significant'] else 'no'} |")
+    if paired:
+        lines += ["", f"Test: `{paired[0]['test']}`."]
     return "\n".join(lines) + "\n"
 
 
@@ -167,16 +205,17 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
         results.append(result)
     lang = task.target_lang or "en"
     by_length = {r["name"]: bleu_by_length(r, cfg.length_buckets, lang) for r in results}
+    paired = paired_comparisons(results, lang)
     wall = time.time() - started
-    (out / "comparison.md").write_text(render_markdown(cfg, results, by_length, wall), encoding="utf-8")
+    (out / "comparison.md").write_text(render_markdown(cfg, results, by_length, paired, wall), encoding="utf-8")
     plot_bleu_by_length(by_length, out / "bleu_by_length.png", f"{task.name}: BLEU by source length")
     summary = [{k: v for k, v in r.items() if k not in ("predictions", "references", "sources")} for r in results]
-    (out / "comparison.json").write_text(json.dumps({"models": summary, "by_length": by_length,
+    (out / "comparison.json").write_text(json.dumps({"models": summary, "by_length": by_length, "paired": paired,
                                                      "wall_seconds": wall}, indent=2) + "\n")
     _plot_best_attention(results, task, out / "attention")
     _log_wandb(out, summary, by_length)
     print((out / "comparison.md").read_text())
-    return {"models": summary, "by_length": by_length, "wall_seconds": wall}
+    return {"models": summary, "by_length": by_length, "paired": paired, "wall_seconds": wall}
 
 
 def _plot_best_attention(results: list[dict[str, Any]], task: Any, out: Path, n: int = 3) -> None:

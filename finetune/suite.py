@@ -2,7 +2,9 @@
 
 For every model and task: evaluate 0-, 1- and 5-shot on the task's test split, fine-tune with a
 fixed step budget (best checkpoint by ``val/score``), evaluate that checkpoint 0-shot on the same
-test items. Every run is the public CLI, in-process (``finetune.cli.main``), exactly what
+test items. Every score carries its 95% interval, and every setting is compared with 0-shot on the
+same items by a paired test (``finetune.significance``): the tables say which differences are
+significant. Every run is the public CLI, in-process (``finetune.cli.main``), exactly what
 ``python -m finetune evaluate|fit`` would do; each run's files stay under ``out_dir``:
 
     <out_dir>/<model>/<task>/eval/<task>-test-<k>shot/       results.json, predictions.jsonl, prompts
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from finetune.cli import main as _cli_main
+from finetune.significance import format_interval
 
 
 def finetune_cli(args: list[str]):
@@ -57,7 +60,8 @@ TASKS = (
 class Settings:
     """How much work each cell of the table gets (the same for every model and task)."""
 
-    eval_examples: int = 100          # test items per score (a seeded subset, the same for every setting)
+    eval_examples: int | None = None  # test items per score: None = the whole split; else a seeded subset,
+                                      #   the same items for every setting (tables say "n of N")
     shots: tuple[int, ...] = (0, 1, 5)
     finetune_steps: int = 200         # fixed optimizer-step budget per (model, task)
     val_examples: int = 50            # validation items scored during fine-tuning
@@ -95,7 +99,15 @@ class Row:
     n_truncated: int    # prompts whose source/context was cut to fit the context
     n_empty: int        # empty predictions
     wall_s: float       # evaluation (fine-tuned: fine-tuning + evaluation)
+    n_total: int = 0    # items in the test split (n < n_total: a seeded subset)
+    intervals: dict[str, list[float]] = field(default_factory=dict)  # 95% CI per score
+    paired: dict[str, dict[str, Any]] = field(default_factory=dict)  # vs 0-shot on the same items, per score
     extra: dict[str, Any] = field(default_factory=dict)
+    # The scored items (not in the tables): what paired tests need.
+    ids: list[str] = field(default_factory=list, repr=False)
+    predictions: list[str] = field(default_factory=list, repr=False)
+    references: list[list[str]] = field(default_factory=list, repr=False)
+    lang: str = "en"
 
 
 def _common_args(model: Model, task: SuiteTask, settings: Settings, root: Path) -> list[str]:
@@ -108,14 +120,18 @@ def _common_args(model: Model, task: SuiteTask, settings: Settings, root: Path) 
 def evaluate(model: Model, task: SuiteTask, settings: Settings, shots: int, root: Path, setting: str) -> Row:
     """``python -m finetune evaluate`` on the task's test split; one row of the table."""
     started = time.time()
+    subset = [] if settings.eval_examples is None else ["--data.max_eval_examples", str(settings.eval_examples)]
     cli = finetune_cli(["test", *_common_args(model, task, settings, root), "--data.shots", str(shots),
-                        "--data.test_split", task.test_split, "--data.max_eval_examples", str(settings.eval_examples),
-                        "--trainer.logger", "false"])
+                        "--data.test_split", task.test_split, *subset, "--trainer.logger", "false"])
     r = cli.model.last_results
+    items = cli.datamodule.eval_items["test"]
     metrics = {k: float(v) for k, v in r["metrics"].items() if isinstance(v, float)}
     return Row(model.name, task.name, setting, r["score_name"], float(r["score"]), metrics, r["n_prompts"],
                float(r["shots_used_mean"]), int(r["n_truncated"]), int(r["metrics"]["n_empty_predictions"]),
-               time.time() - started)
+               time.time() - started, n_total=int(r["n_total"]), intervals=r["ci95"],
+               extra={"max_length": r["max_length"], "overlap": r["overlap"]},
+               ids=[it["id"] for it in items], predictions=list(r["predictions"]),
+               references=[it["references"] for it in items], lang=cli.datamodule.task.target_lang or "en")
 
 
 def finetune(model: Model, task: SuiteTask, settings: Settings, root: Path) -> Row:
@@ -126,7 +142,7 @@ def finetune(model: Model, task: SuiteTask, settings: Settings, root: Path) -> R
     cli = finetune_cli(["fit", *_common_args(model, task, settings, root), *logger,
                         "--data.train_split", task.train_split, "--data.val_split", task.val_split,
                         "--data.batch_size", str(settings.batch_size),
-                        "--data.max_eval_examples", str(settings.val_examples),
+                        "--data.max_val_examples", str(settings.val_examples),
                         *(["--data.max_train_examples", str(settings.max_train_examples)]
                           if settings.max_train_examples else []),
                         "--model.lr", str(settings.lr), "--model.warmup_steps", str(settings.warmup_steps),
@@ -140,8 +156,9 @@ def finetune(model: Model, task: SuiteTask, settings: Settings, root: Path) -> R
     tuned = replace(model, init=best)
     row = evaluate(tuned, task, settings, 0, root, "fine-tuned")
     row.model, row.wall_s = model.name, time.time() - started
-    row.extra = {"checkpoint": best, "best_val_score": float(callback.best_model_score),
-                 "steps": settings.finetune_steps, "fit_s": fit_s}
+    row.extra.update({"checkpoint": best, "best_val_score": float(callback.best_model_score),
+                      "steps": settings.finetune_steps, "fit_s": fit_s,
+                      "train_prompts": cli.datamodule.train_stats.as_dict() if cli.datamodule.train_stats else None})
     return row
 
 
@@ -157,12 +174,30 @@ def run_suite(models: list[Model], out_dir: str | Path, settings: Settings = Set
                 log(_progress(rows[-1]))
             rows.append(finetune(model, task, settings, root / "finetune"))
             log(_progress(rows[-1]))
+            compare_with_zero_shot(rows[-len(settings.shots) - 1:])
     return rows
+
+
+def compare_with_zero_shot(rows: list[Row], baseline: str = "0-shot") -> None:
+    """Fill ``row.paired`` of every row of one (model, task) with a paired test against ``baseline``."""
+    from finetune.significance import paired_test
+    from finetune.tasks import load_task
+
+    base = next((r for r in rows if r.setting == baseline), None)
+    if base is None:
+        return
+    metric = load_task(base.task).metric
+    for row in rows:
+        if row is base:
+            continue
+        if row.ids != base.ids:
+            raise RuntimeError(f"{row.model} {row.task}: {row.setting} and {baseline} scored different items")
+        row.paired = paired_test(metric, base.predictions, row.predictions, base.references, lang=base.lang)
 
 
 def _progress(row: Row) -> str:
     return (f"[suite] {row.model} {row.task} {row.setting}: {scores_text(row)} "
-            f"(n={row.n}, shots used {row.shots_used_mean:.2f}, {row.wall_s:.0f} s)")
+            f"(n={row.n} of {row.n_total}, shots used {row.shots_used_mean:.2f}, {row.wall_s:.0f} s)")
 
 
 # ---- tables -------------------------------------------------------------------------------------
@@ -177,36 +212,61 @@ def reported(row: Row) -> list[str]:
 
 
 def scores_text(row: Row) -> str:
-    """The task's reported scores, e.g. ``BLEU 1.23 / chrF 17.1``."""
-    return " / ".join(f"{SHOWN.get(key, key)} {row.metrics[key]:.2f}" for key in reported(row))
+    """The task's reported scores with their intervals, e.g. ``BLEU 1.23 [0.80, 1.71] / chrF ...``."""
+    return " / ".join(f"{SHOWN.get(key, key)} {cell(row, key, mark=False)}" for key in reported(row))
+
+
+def cell(row: Row, key: str, mark: bool = True) -> str:
+    """``score [lo, hi]``, with ``*`` when a paired test finds it different from 0-shot (p < 0.05)."""
+    text = format_interval(row.metrics[key], row.intervals.get(key))
+    return text + ("*" if mark and row.paired.get(key, {}).get("significant") else "")
 
 
 def markdown_table(rows: list[Row]) -> str:
     """Every row: model, task, setting, scores, items, shots used, truncated/empty, wall time."""
-    lines = ["| model | task | setting | scores | n | shots used (mean) | truncated | empty | wall s |",
+    lines = ["| model | task | setting | scores [95% CI] | n of N | shots used (mean) | truncated | empty | wall s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r.model} | {r.task} | {r.setting} | {scores_text(r)} | {r.n} | {r.shots_used_mean:.2f} "
-                     f"| {r.n_truncated} | {r.n_empty} | {r.wall_s:.0f} |")
+        lines.append(f"| {r.model} | {r.task} | {r.setting} | {scores_text(r)} | {r.n} of {r.n_total} "
+                     f"| {r.shots_used_mean:.2f} | {r.n_truncated} | {r.n_empty} | {r.wall_s:.0f} |")
     return "\n".join(lines) + "\n"
 
 
 def headline_table(rows: list[Row]) -> str:
-    """One line per (model, task, metric), one column per setting: the figures at a glance."""
+    """One line per (model, task, metric), one column per setting: score [95% CI], * = differs from
+    0-shot on the same items (paired test, p < 0.05)."""
     settings = list(dict.fromkeys(r.setting for r in rows))
     cells: dict[tuple[str, str], dict[str, Row]] = {}
     for r in rows:
         cells.setdefault((r.model, r.task), {})[r.setting] = r
-    lines = ["| model | task | metric | " + " | ".join(settings) + " |", "|---|---|---|" + "---|" * len(settings)]
+    lines = ["| model | task | n of N | metric | " + " | ".join(settings) + " |",
+             "|---|---|---|---|" + "---|" * len(settings)]
     for (model, task), by_setting in cells.items():
-        for key in reported(next(iter(by_setting.values()))):
-            values = [f"{by_setting[s].metrics[key]:.2f}" if s in by_setting else "" for s in settings]
-            lines.append(f"| {model} | {task} | {SHOWN.get(key, key)} | " + " | ".join(values) + " |")
+        first = next(iter(by_setting.values()))
+        for key in reported(first):
+            values = [cell(by_setting[s], key) if s in by_setting else "" for s in settings]
+            lines.append(f"| {model} | {task} | {first.n} of {first.n_total} | {SHOWN.get(key, key)} | "
+                         + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"
 
 
+def paired_table(rows: list[Row]) -> str:
+    """Every paired test against 0-shot: difference, p-value, significant at 0.05, and the test."""
+    lines = ["| model | task | metric | setting vs 0-shot | difference | p | significant |", "|---|---|---|---|---|---|---|"]
+    tests = set()
+    for r in rows:
+        for key in reported(r):
+            if key in r.paired:
+                t = r.paired[key]
+                tests.add(t["test"])
+                lines.append(f"| {r.model} | {r.task} | {SHOWN.get(key, key)} | {r.setting} | {t['delta']:+.2f} | "
+                             f"{t['p_value']:.4f} | {'yes' if t['significant'] else 'no'} |")
+    return "\n".join(lines) + "\n\nTests: " + "; ".join(f"`{t}`" for t in sorted(tests)) + "\n"
+
+
 def rows_as_dicts(rows: list[Row]) -> list[dict[str, Any]]:
-    return [asdict(r) for r in rows]
+    """The rows for a results file (the per-item predictions stay in each run's predictions.jsonl)."""
+    return [{k: v for k, v in asdict(r).items() if k not in ("ids", "predictions", "references")} for r in rows]
 
 
 def all_finite(rows: list[Row]) -> bool:

@@ -38,6 +38,10 @@ models:
     assert [row["bucket"] for row in by_length["rnn_luong"]] == ["1-5", "6-8", "9+"]
     assert sum(row["n"] for row in by_length["rnn_luong"]) == 20
     table = (out / "comparison.md").read_text()
-    assert "| rnn_luong |" in table and "BLEU by source length" in table
+    assert "| rnn_luong |" in table and "BLEU by source length" in table and "20 of 200 sentences" in table
+    assert all(row["bleu_ci"][0] <= row["bleu"] <= row["bleu_ci"][1] for row in by_length["rnn_luong"])
+    assert [(p["baseline"], p["system"]) for p in results["paired"]] == [
+        ("rnn_none", "rnn_luong"), ("rnn_none", "transformer"), ("rnn_luong", "transformer")]
+    assert all(0 < p["bleu_p_value"] <= 1 for p in results["paired"]) and "Paired tests" in table
     assert (out / "bleu_by_length.png").read_bytes().startswith(PNG)
     assert list((out / "attention").glob("*.png")), "the best model with attention gets alignment plots"

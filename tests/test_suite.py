@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune.suite import TASKS, Model, Settings, all_finite, headline_table, markdown_table, run_suite
+from finetune.suite import (TASKS, Model, Settings, all_finite, headline_table, markdown_table, paired_table,
+                            rows_as_dicts, run_suite)
 from tests.tiny_hf import save_tiny_model
 
 
@@ -18,7 +19,15 @@ def test_suite_rows_for_every_model_task_and_setting(tmp_path: Path, data_root: 
     expected = [(m.name, t.name, s) for m in models for t in TASKS for s in ("0-shot", "5-shot", "fine-tuned")]
     assert [(r.model, r.task, r.setting) for r in rows] == expected
     assert all_finite(rows)
-    assert all(r.n == 4 and r.wall_s > 0 for r in rows)
+    assert all(r.n == 4 and r.n_total > 4 and r.wall_s > 0 for r in rows)
+    for r in rows:  # every reported score has an interval around it; every non-baseline a paired test
+        for key, value in r.metrics.items():
+            if key in r.intervals:
+                low, high = r.intervals[key]
+                assert low <= value <= high or low == high == value
+        assert bool(r.paired) == (r.setting != "0-shot")
+        assert all(0 < t["p_value"] <= 1 for t in r.paired.values())
+    assert "predictions" not in rows_as_dicts(rows)[0]
     assert {r.metric for r in rows} == {"bleu", "rougeL", "f1"}
     for r in rows:
         assert set(r.metrics) >= {"bleu": {"bleu", "chrf"}, "rougeL": {"rouge1", "rouge2", "rougeL"},
@@ -32,7 +41,11 @@ def test_suite_rows_for_every_model_task_and_setting(tmp_path: Path, data_root: 
 
     table = markdown_table(rows)
     assert table.count("\n") == 2 + len(expected)
-    assert "| gpt | tatoeba_en_fr | 5-shot | BLEU" in table
+    assert "| gpt | tatoeba_en_fr | 5-shot | BLEU" in table and "| 4 of 2000 |" in table
     headline = headline_table(rows)
-    assert "| model | task | metric | 0-shot | 5-shot | fine-tuned |" in headline
+    assert "| model | task | n of N | metric | 0-shot | 5-shot | fine-tuned |" in headline
     assert headline.count("\n") == 2 + 2 * (2 + 3 + 2)  # BLEU+chrF, R-1/2/L, EM+F1 per model
+    assert "| gpt | tatoeba_en_fr | 4 of 2000 | BLEU |" in headline and " [" in headline
+    tests = paired_table(rows)
+    assert tests.count("| 5-shot |") == tests.count("| fine-tuned |") == 2 * (2 + 3 + 2)
+    assert "paired-ar" in tests and "paired-bootstrap" in tests
