@@ -32,18 +32,27 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from benchmarks.step_report import git, machine  # noqa: E402
-from finetune.suite import QUICK, Model, Settings, headline_table, markdown_table, rows_as_dicts, run_suite  # noqa: E402
+from common.checkpoint_io import CHECKPOINT_KEY  # noqa: E402
+from common.model_context import TRAINED_CONTEXT_KEY  # noqa: E402
+from finetune.suite import (QUICK, Model, Settings, headline_table, markdown_table, paired_table,  # noqa: E402
+                            rows_as_dicts, run_suite)
 
 FAMILIES = {"gpt2": "gpt-tiny", "t5": "t5-tiny"}
-MODEL_ARGS = {"gpt2": (), "t5": ("--data.max_length", "512")}  # as scripts/main_job.py
+MODEL_ARGS: dict[str, tuple[str, ...]] = {"gpt2": (), "t5": ()}  # as scripts/main_job.py: the trained context
 ENV_KEYS = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "WANDB_MODE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
 def run_state(run_dir: Path, preset: Path) -> dict:
-    """Steps in the run's last checkpoint vs the preset's max_steps (complete = equal)."""
-    want = yaml.safe_load(preset.read_text())["trainer"]["max_steps"]
+    """Steps and trained context of the run's last checkpoint vs the preset's (complete = both equal)."""
+    config = yaml.safe_load(preset.read_text())
+    want, block = config["trainer"]["max_steps"], config["data"]["block_size"]
     last = run_dir / "checkpoints" / "last.ckpt"
-    steps = torch.load(last, map_location="cpu", weights_only=True)["global_step"] if last.is_file() else 0
+    ckpt = torch.load(last, map_location="cpu", weights_only=True) if last.is_file() else {}
+    steps = ckpt.get("global_step", 0)
+    context = ckpt.get(CHECKPOINT_KEY, {}).get("hf_config", {}).get(TRAINED_CONTEXT_KEY)
+    if last.is_file() and context != block:
+        raise SystemExit(f"{run_dir} was pretrained at context {context}, the preset now trains {block}: "
+                         "delete it (or pass --runs-dir) to pretrain afresh")
     return {"run_dir": str(run_dir), "steps": steps, "preset_steps": want, "complete": steps == want,
             "checkpoint_time": (datetime.datetime.fromtimestamp(last.stat().st_mtime).isoformat(timespec="seconds")
                                 if last.is_file() else None)}
@@ -95,12 +104,12 @@ def main() -> None:
               "runs": states, "pretrain_s": pretrain_s, "settings": asdict(settings), "suite_s": time.time() - t,
               "wall_s": time.time() - started, "rows": rows_as_dicts(rows), "notes": args.note}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(report, headline_table(rows), markdown_table(rows)), encoding="utf-8")
+    out.write_text(render(report, headline_table(rows), markdown_table(rows), paired_table(rows)), encoding="utf-8")
     out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8")
     print(headline_table(rows) + f"\nwritten to {out} ({report['wall_s'] / 60:.1f} min)")
 
 
-def render(report: dict, headline: str, detail: str) -> str:
+def render(report: dict, headline: str, detail: str, paired: str) -> str:
     m, s = report["machine"], report["settings"]
     runs = "; ".join(f"{name}: {r['run_dir']}, {r['steps']} steps, "
                      + (f"reused (checkpoint of {r['checkpoint_time']})" if r["reused"]
@@ -119,26 +128,35 @@ def render(report: dict, headline: str, detail: str) -> str:
         f"load average at start {report['load_start']:.2f}",
         f"- Wall time {report['wall_s'] / 60:.1f} min, of which the suite {report['suite_s'] / 60:.1f} min", "",
         "## Settings", "",
-        f"- Scores on the task's `test` split: the same {s['eval_examples']} seeded items (seed {s['seed']}) for "
-        "every setting; greedy decoding, at most 32 (tatoeba_en_fr), 48 (dialogsum), 16 (squad) new tokens.",
+        "- Scores on the task's `test` split: " + ("every item" if s["eval_examples"] is None else
+                                                     f"the same {s['eval_examples']} seeded items (seed {s['seed']})")
+        + " for every setting (the tables give n of N); greedy decoding, at most 32 (tatoeba_en_fr), 48 "
+        "(dialogsum), 16 (squad) new tokens.",
         f"- k-shot: {', '.join(map(str, s['shots']))} demonstrations drawn per item from the task's pool "
-        "(tatoeba/dialogsum: train; squad test: part-00), whole demonstrations dropped when they do not fit "
-        "the context (\"shots used\"): gpt-tiny has 256 positions, t5-tiny is run with inputs of at most 512.",
+        "(tatoeba/dialogsum: train; squad test: part-00), never one equal to the item after normalisation; "
+        "whole demonstrations dropped when they do not fit the context (\"shots used\"). Context: the length "
+        "each model was pretrained on (gpt-tiny 256 positions, t5-tiny 256-token inputs), prompt + answer "
+        "inside it; a prompt that does not fit even alone has its long field (dialogue, context) cut at a word "
+        "boundary (\"truncated\").",
         f"- Fine-tuned: {s['finetune_steps']} AdamW steps of batch {s['batch_size']} (lr {s['lr']}, "
         f"{s['warmup_steps']} warmup, cosine), validated by generation on {s['val_examples']} `validation` items "
         f"every {s['val_every']} steps; the best checkpoint by the primary metric is scored 0-shot. SQuAD has only "
         "its dev set here: fine-tuning uses part-00 (`validation`, also the checkpoint choice: held-in "
-        "questions) and scores part-01 (`test`, other articles).",
+        "questions) and scores part-01 (`test`, other articles); training prompts keep the window around "
+        "the gold answer.",
+        "- Uncertainty: each score with its 95% interval (BLEU/chrF: sacreBLEU's bootstrap of the items; "
+        "ROUGE/SQuAD: bootstrap over items; 1,000 resamples, seeded). `*`: the setting differs from 0-shot "
+        "on the same items, paired test p < 0.05 (BLEU/chrF: paired approximate randomisation, 10,000 "
+        "trials; ROUGE/SQuAD: paired bootstrap); every test is listed below.",
         "- Scores ×100 (BLEU/chrF: sacrebleu; ROUGE: rouge-score F1, max over DialogSum's 3 references; "
         "SQuAD: official v1.1 EM/F1). Wall s: that evaluation, or fine-tuning + evaluation.", "",
-        "## Scores", "", headline, "## Every run", "", detail,
+        "## Scores", "", headline, "## Paired tests against 0-shot", "", paired, "## Every run", "", detail,
         "Truncated: prompts whose source/context was cut to fit the context. Empty: empty predictions "
         "(the model's first token ended the answer).", "", "## Notes", "",
         *(["- The pretrained runs were reused (see above): the wall time excludes pretraining."]
           if any(r["reused"] for r in report["runs"].values()) else []),
-        "- Every cell is seeded (`--seed_everything`, `--data.seed`): rerunning gives the same figures on the "
-        "same code and machine (the zero-/few-shot cells and the gpt-tiny tatoeba_en_fr fine-tuning were "
-        "rerun and matched to the last digit).", *(f"- {n}" for n in report.get("notes", [])), ""])
+        "- Every cell is seeded (`--seed_everything`, `--data.seed`, the resampling seeds).",
+        *(f"- {n}" for n in report.get("notes", [])), ""])
 
 
 if __name__ == "__main__":

@@ -181,6 +181,12 @@ class FinetuneSystem(GradientClipping, LightningModule):
         for name, value in results["metrics"].items():
             if isinstance(value, (int, float)) and not name.startswith("n_"):
                 self.log(f"{prefix}/{name}", float(value), sync_dist=True)
+        if prefix == "test":  # evaluate's W&B summary carries the uncertainty and the n of N
+            for name, (low, high) in results["ci95"].items():
+                self.log(f"test/{name}_ci95_low", float(low), sync_dist=True)
+                self.log(f"test/{name}_ci95_high", float(high), sync_dist=True)
+            self.log("test/n_items", float(results["n_prompts"]), sync_dist=True)
+            self.log("test/n_total", float(results["n_total"]), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:

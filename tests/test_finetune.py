@@ -180,7 +180,9 @@ def test_interrupted_fine_tuning_resumes_exactly(tiny: dict[str, Path], tmp_path
     assert resumed.trainer.global_step == 4
     weights = resumed.model.model.state_dict()
     assert [k for k in straight if not torch.equal(straight[k], weights[k])] == []
-    ids = {p.name.rsplit("-", 1)[-1] for p in (tmp_path / "resumed" / "wandb").glob("offline-run-*")}
+    # The id from each run's transaction log: two starts in the same second get a "-1" directory suffix.
+    logs = (tmp_path / "resumed" / "wandb").glob("offline-run-*/run-*.wandb")
+    ids = {p.name[len("run-"):-len(".wandb")] for p in logs}
     assert len(ids) == 1, ids
 
 

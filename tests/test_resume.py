@@ -33,7 +33,7 @@ def _weights(run_dir: Path) -> tuple[dict, int]:
 
 
 def _wandb_run_ids(run_dir: Path) -> set[str]:
-    return {p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")}
+    return {p.name[len("run-"):-len(".wandb")] for p in (run_dir / "wandb").glob("offline-run-*/run-*.wandb")}
 
 
 @pytest.mark.parametrize("family", ["gpt2", "t5"])

@@ -138,7 +138,7 @@ def test_preempted_job_resumes_from_newest_checkpoint(local_slurm, tmp_path: Pat
     assert last["global_step"] == MAX_STEPS
     # One W&B run, continued by every start (hpc checkpoints carry the run id too).
     assert hpc.get("wandb_run_id") and hpc["wandb_run_id"] == last.get("wandb_run_id")
-    run_ids = {p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")}
+    run_ids = {p.name[len("run-"):-len(".wandb")] for p in (run_dir / "wandb").glob("offline-run-*/run-*.wandb")}
     assert run_ids == {last["wandb_run_id"]}, diagnostics
 
 
