@@ -73,8 +73,7 @@ class EvalItemBuilder:
 
     def _row_keys(self, rows: Any) -> list[str]:
         field = self.task.long_field
-        columns = {"source": rows["source"], field: rows[field]}
-        return [leakage_key({"source": s, field: f}, field) for s, f in zip(columns["source"], columns[field])]
+        return [leakage_key({"source": s, field: f}, field) for s, f in zip(rows["source"], rows[field])]
 
     def build(self, split: str, max_examples: int | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """(items in index order, {"n_total", "overlap"}) for ``split``."""
