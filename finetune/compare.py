@@ -136,7 +136,7 @@ def plot_bleu_by_length(table: dict[str, list[dict[str, Any]]], path: Path, titl
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     for k, (name, rows) in enumerate(table.items()):
         x = [j + 0.06 * (k - (len(table) - 1) / 2) for j in range(len(rows))]  # side by side, not on top
         y = [r["bleu"] for r in rows]
@@ -148,7 +148,7 @@ def plot_bleu_by_length(table: dict[str, list[dict[str, Any]]], path: Path, titl
     ax.set_ylabel("BLEU")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: never over a bar
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
