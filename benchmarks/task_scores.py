@@ -1,6 +1,6 @@
 """Task scores of our tiny pretrained GPT and T5: zero-shot, 1-shot, 5-shot and fine-tuned.
 
-    .venv/bin/python benchmarks/task_scores.py            # ~15 min reusing runs/, ~25 min pretraining too
+    .venv/bin/python benchmarks/task_scores.py            # ~20 min reusing runs/, ~30 min pretraining too
     .venv/bin/python benchmarks/task_scores.py --quick    # smoke run (runs/quick/, not written to results/)
 
 Runs the suite of the main job (finetune/suite.py: tatoeba_en_fr BLEU/chrF, dialogsum ROUGE, squad

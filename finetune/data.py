@@ -33,7 +33,7 @@ from common.model_context import position_limit, usable_context
 from common.resumable_loader import ResumableDataLoader, ResumableShuffleSampler, batches_done_on_resume
 from finetune.eval_items import EvalItemBuilder
 from finetune.tasks import TaskConfig, load_split, load_task
-from finetune.train_examples import TrainStats, tokenize_training_rows
+from finetune.train_examples import TrainExamples, TrainStats
 
 IGNORE_INDEX = -100  # label value cross-entropy skips
 
@@ -101,7 +101,7 @@ class FinetuneDataModule(LightningDataModule):
         self.eval_items: dict[str, list[dict[str, Any]]] = {}  # stage -> items (index order)
         self.eval_info: dict[str, dict[str, Any]] = {}  # stage -> {"n_total", "overlap"}
         self.train_stats: TrainStats | None = None
-        self._train_examples: list[dict[str, list[int]]] | None = None
+        self._train_examples: TrainExamples | None = None
 
     # ---- set-up -------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -179,12 +179,12 @@ class FinetuneDataModule(LightningDataModule):
         return path
 
     # ---- loaders ------------------------------------------------------------------------------
-    def train_examples(self) -> list[dict[str, list[int]]]:
-        """The training rows as token ids that fit ``max_length`` (tokenized once, statistics logged)."""
+    def train_examples(self) -> TrainExamples:
+        """The training rows as token ids that fit ``max_length`` (built once, what is cut logged)."""
         if self._train_examples is None:
-            self._train_examples, self.train_stats = tokenize_training_rows(
-                list(self.train_rows), self.task, self.template, self.tokenizer, self.kind, self.max_length,
-                self.max_target_length)
+            self._train_examples = TrainExamples(list(self.train_rows), self.task, self.template, self.tokenizer,
+                                                 self.kind, self.max_length, self.max_target_length)
+            self.train_stats = self._train_examples.stats
             rank_zero_info(self.train_stats.describe(self.task.long_field))
             for logger in self.trainer.loggers:
                 logger.log_hyperparams({"train_prompts": self.train_stats.as_dict()})

@@ -74,7 +74,7 @@ class Settings:
     wandb_finetune: bool = True       # fine-tuning runs log to W&B (offline unless logged in); evals do not
 
 
-QUICK = Settings(eval_examples=20, finetune_steps=30, val_examples=10, val_every=15)
+QUICK = Settings(eval_examples=20, finetune_steps=30, val_examples=10, val_every=15, max_train_examples=2000)
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,12 @@ def answer_span(field_text: str, answer: str) -> tuple[int, int] | None:
     return None if at < 0 else (at, at + len(answer))
 
 
+def answer_words(field_text: str, span: tuple[int, int]) -> str:
+    """The narrowest window ``fit_long_field`` can keep around an answer span: the words it touches."""
+    inside = [m.span() for m in _WORD.finditer(field_text) if m.end() > span[0] and m.start() < span[1]]
+    return field_text[inside[0][0]: inside[-1][1]] if inside else field_text[span[0]: span[1]]
+
+
 def _longest_fitting(cut_points: Sequence[int], render: Callable[[int], tuple[str, int]],
                      budget: int) -> tuple[str, int] | None:
     """Binary search the largest cut point whose rendering fits ``budget``; None if none fits.

@@ -7,7 +7,7 @@ export. Then the task suite (finetune/suite.py) on both pretrained models: trans
 after fine-tuning; one results table at the end. Every step is the public CLI/API a user would
 call; W&B logs offline unless you are logged in.
 
-    python scripts/main_job.py                    # both models + the suite, ~25 min on 2 CPU cores
+    python scripts/main_job.py                    # both models + the suite, ~31 min on 2 CPU cores
     python scripts/main_job.py --families gpt2    # gpt-tiny only
     python scripts/main_job.py --quick            # a few-minute smoke run of the same pipeline
 
@@ -37,7 +37,7 @@ MODEL_ARGS: dict[str, tuple[str, ...]] = {"gpt2": (), "t5": ()}
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 200 pretraining steps, 20 test items, 30 fine-tuning steps (runs/quick/)")
+                        help="smoke run: 200 pretraining steps, 20 test items, 30 fine-tuning steps on 2,000 rows (runs/quick/)")
     parser.add_argument("--families", nargs="+", choices=sorted(PRESETS), default=sorted(PRESETS),
                         help="gpt2: decoder, next-token loss; t5: encoder-decoder, span corruption")
     parser.add_argument("--family", choices=sorted(PRESETS), help="one family (the same as --families FAMILY)")

@@ -117,15 +117,17 @@ def test_training_on_extractive_qa_keeps_the_window_around_the_answer() -> None:
 
 def test_squad_training_prompts_keep_their_gold_answer(data_root: Path) -> None:
     """Defect 2: at 256 tokens, 65 of 400 cut SQuAD training sequences had lost the gold answer."""
-    from finetune.train_examples import tokenize_training_rows
+    from finetune.train_examples import TrainExamples
 
     task = load_task("squad")
     tokenizer = AutoTokenizer.from_pretrained(data_root / "tokenizers" / "gpt2")
     tokenizer.pad_token = tokenizer.eos_token
     rows = list(load_split(task, "validation", 120, seed=0))
     template = task.template("decoder")
-    examples, stats = tokenize_training_rows(rows, task, template, tokenizer, "decoder", 160, 32)
+    examples = TrainExamples(rows, task, template, tokenizer, "decoder", 160, 32)
+    stats = examples.stats  # counted before any row is fitted
     assert stats.n_truncated > 30 and stats.n_answer_lost == 0 and stats.n_answer_kept == stats.n_truncated
+    assert examples._fitted == {}
     for row, example in zip(rows, examples):
         text = tokenizer.decode(example["prompt_ids"])
         assert len(example["prompt_ids"]) + len(example["completion_ids"]) <= 160

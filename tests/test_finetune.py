@@ -92,16 +92,16 @@ def _train_batch(tiny_dir: Path, kind: str, rows: list[dict], task: str = "tatoe
                  max_target_length: int = 128):
     """(data module, tokenizer, batch) for ``rows`` through the training path: fit, tokenize, collate."""
     from finetune.pretrained import load_pretrained
-    from finetune.train_examples import tokenize_training_rows
+    from finetune.train_examples import TrainExamples
 
     loaded = load_pretrained(str(tiny_dir))
     data = FinetuneDataModule(task)
     data.tokenizer, data.kind, data.max_length = loaded.tokenizer, loaded.kind, max_length
     data.template = data.task.template(loaded.kind)
     rows = [{"id": str(i), "references": [r["target"]], **r} for i, r in enumerate(rows)]
-    examples, stats = tokenize_training_rows(rows, data.task, data.template, loaded.tokenizer, loaded.kind,
-                                             max_length, max_target_length)
-    return data, loaded.tokenizer, data.collate_train(examples), stats
+    examples = TrainExamples(rows, data.task, data.template, loaded.tokenizer, loaded.kind, max_length,
+                             max_target_length)
+    return data, loaded.tokenizer, data.collate_train([examples[i] for i in range(len(rows))]), examples.stats
 
 
 def test_decoder_labels_cover_only_the_completion_and_eos(tiny: dict[str, Path]) -> None:
