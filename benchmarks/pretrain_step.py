@@ -56,7 +56,7 @@ from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 from common.optim import build_adamw, build_warmup_cosine  # noqa: E402
 from common.throughput import SpeedMonitor, seq2seq_flops_per_example, seq2seq_shape  # noqa: E402
-from pretrain.model import GPT2Arch, T5Arch, build_gpt2, build_t5  # noqa: E402
+from common.archs import GPT2Arch, T5Arch, build_gpt2, build_t5  # noqa: E402
 from pretrain.span_corruption import compute_input_and_target_lengths  # noqa: E402
 from pretrain.system import CausalLMSystem, PretrainSystem, SpanCorruptionSystem  # noqa: E402
 from step_report import FLOOR, NOTES, busy_processes, machine, markdown  # noqa: E402 - beside this script

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from benchmarks.step_report import git, machine  # noqa: E402
-from common.checkpoint_io import CHECKPOINT_KEY  # noqa: E402
+from common.checkpoints import CHECKPOINT_KEY  # noqa: E402
 from common.model_context import TRAINED_CONTEXT_KEY  # noqa: E402
 from finetune.suite import (QUICK, Model, Settings, headline_table, markdown_table, paired_table,  # noqa: E402
                             rows_as_dicts, run_suite)

@@ -2,7 +2,9 @@
 
 Lightning's `DeepSpeedStrategy` refuses any accelerator but CUDA. DeepSpeed itself runs on CPU
 (accelerator "cpu", gloo collectives), and three overrides are all Lightning's side needs
-(measured: ../shared/notes/stack-on-cpu.md §2b). That makes ZeRO-1/2/3 trainable and testable on a
+(measured with DeepSpeed 0.19.8 / Lightning 2.6.6: `setup_environment` as DDP's, no device-index
+check in `setup_distributed`, and `deepspeed.initialize(args=Namespace(device_rank=...))`, without
+which the engine fails comparing None >= 0). That makes ZeRO-1/2/3 trainable and testable on a
 laptop or CI, with the same presets as on GPUs (`configs/trainer/deepspeed-zero*-cpu.yaml`).
 
 What else this class decides, so it is decided once:
@@ -132,7 +134,7 @@ class ZeroStrategy(LightningDeepSpeedStrategy):
         self.barrier("zero_save_done")
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        from common.zero_checkpoint import is_zero_checkpoint, saved_world_size
+        from common.checkpoints import is_zero_checkpoint, saved_world_size
 
         path = Path(checkpoint_path)
         if path.is_file():
@@ -146,7 +148,7 @@ class ZeroStrategy(LightningDeepSpeedStrategy):
             raise ValueError(f"{path} was saved by {saved_world_size(path)} processes; this run has "
                              f"{self.world_size}. DeepSpeed ZeRO resumes only with the same number of processes "
                              f"(trainer.devices x trainer.num_nodes = {saved_world_size(path)}). To continue with "
-                             "another size, export the weights (python -m pretrain export) and start a new run.")
+                             "another size, export the weights (lmtrain pretrain export) and start a new run.")
         return super().load_checkpoint(checkpoint_path, weights_only)
 
 
@@ -182,7 +184,7 @@ def _weights_only_checkpoint_engine(engine: Any) -> Any:
         return engine  # a user-chosen engine (e.g. async/nebula) keeps its own loading
 
     def load(path: str, map_location: Any = None) -> Any:
-        from common.zero_checkpoint import load_zero_file
+        from common.checkpoints import load_zero_file
 
         return load_zero_file(path, map_location)
 

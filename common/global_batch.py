@@ -2,7 +2,8 @@
 
 Hyper-parameters like the learning rate are tuned for a global batch, not a per-GPU one; a run
 moved from 8 to 16 GPUs, or given accumulation, silently changes it. So every run states it:
-micro-batch x accumulation x world size, in sequences and (for fixed-length blocks) tokens.
+micro-batch x accumulation x world size, in sequences and (for fixed-length blocks) the corpus
+tokens they consume (for T5 span corruption the raw window, longer than the encoder input).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ class GlobalBatch:
     micro_batch: int  # sequences per rank per forward/backward
     accumulation: int  # micro-batches per optimizer step
     world_size: int  # data-parallel ranks (devices x nodes)
-    sequence_length: int | None  # tokens per sequence, when fixed (packed blocks)
+    sequence_length: int | None  # corpus tokens per sequence, when fixed (packed blocks)
 
     @property
     def sequences(self) -> int:
@@ -34,14 +35,15 @@ class GlobalBatch:
         text = (f"global batch = {self.micro_batch} (micro-batch) x {self.accumulation} (accumulation) "
                 f"x {self.world_size} (world size) = {self.sequences} sequences")
         if self.tokens is not None:
-            text += f" = {self.tokens:,} tokens of {self.sequence_length}"
+            text += f" = {self.tokens:,} corpus tokens ({self.sequence_length} per sequence)"
         return text
 
 
 class GlobalBatchLogger(pl.Callback):
     """Prints the global batch and logs it with the hyper-parameters (``global_batch/*``).
 
-    The micro-batch and sequence length come from the data module (``batch_size``, ``block_size``).
+    The micro-batch and sequence length come from the data module (``batch_size``, and
+    ``sequence_tokens`` where sequences have a fixed length).
     """
 
     def __init__(self) -> None:
@@ -53,7 +55,7 @@ class GlobalBatchLogger(pl.Callback):
         if micro_batch is None:
             return
         self.global_batch = GlobalBatch(int(micro_batch), trainer.accumulate_grad_batches, trainer.world_size,
-                                        getattr(datamodule, "block_size", None))
+                                        getattr(datamodule, "sequence_tokens", None))
         rank_zero_info(self.global_batch.describe())
         params = {f"global_batch/{k}": v for k, v in asdict(self.global_batch).items()}
         params.update({"global_batch/sequences": self.global_batch.sequences,

@@ -19,12 +19,12 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from common.checkpoint_io import AtomicCheckpointIO, load_checkpoint_file
+from common.checkpoints import AtomicCheckpointIO, load_checkpoint_file
 from common.global_batch import GlobalBatchLogger
 from common.slurm import check_slurm_allocation, hpc_checkpoints, newest_checkpoint, resume_candidates
 from lightning.pytorch.loggers import WandbLogger
 
-from common.wandb_logger import WandbRunIdCallback, resume_wandb_run
+from common.wandb_logger import resume_wandb_run
 
 
 def default_precision() -> str:
@@ -93,6 +93,13 @@ class RunCLI(LightningCLI):
             if logger.init_args.get("save_dir") in (None, "."):
                 logger.init_args["save_dir"] = config.trainer.default_root_dir
 
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        self.connect_model_and_data()
+
+    def connect_model_and_data(self) -> None:
+        """Hook: the one place a stage hands what one side knows late to the other (after both exist)."""
+
     def instantiate_trainer(self, **kwargs):
         try:
             trainer = super().instantiate_trainer(**kwargs)
@@ -102,7 +109,7 @@ class RunCLI(LightningCLI):
         # Atomic writes unless a strategy brings its own checkpoint format (DeepSpeed).
         if type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = AtomicCheckpointIO()
-        trainer.callbacks.extend([WandbRunIdCallback(), GlobalBatchLogger()])
+        trainer.callbacks.append(GlobalBatchLogger())
         return trainer
 
     def before_fit(self) -> None:

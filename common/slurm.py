@@ -73,7 +73,7 @@ def _mtime(path: Path) -> float:
 
 
 def _global_step(path: Path) -> int | None:
-    from common.checkpoint_io import load_checkpoint_file  # torch: only when there is a choice
+    from common.checkpoints import load_checkpoint_file  # torch: only when there is a choice
 
     step = load_checkpoint_file(path).get("global_step")
     return step if isinstance(step, int) else None

@@ -4,7 +4,7 @@
   entry in ~/.netrc, or an identity-token file) and offline otherwise: runs land in
   ``<save_dir>/wandb/offline-run-*`` and ``wandb sync <dir>`` uploads them later. Without a key,
   wandb itself would fail with "No API key configured".
-* The run id is written into every checkpoint (`WandbRunIdCallback`), and a resumed fit reads it
+* The run id is written into every checkpoint (`common.system.LMSystem`), and a resumed fit reads it
   back (`resume_wandb_run`) so the same W&B run continues instead of a new one starting.
 """
 
@@ -15,7 +15,6 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from lightning.pytorch import Callback
 from lightning.pytorch.loggers import WandbLogger
 
 RUN_ID_KEY = "wandb_run_id"
@@ -84,15 +83,6 @@ class AutoWandbLogger(WandbLogger):
             raise RuntimeError("resume() called after the W&B run started")
         self._id = run_id
         self._wandb_init["id"] = run_id  # Lightning already passes resume="allow"
-
-
-class WandbRunIdCallback(Callback):
-    """Stores the W&B run id in every checkpoint so a resumed fit continues the same run."""
-
-    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict) -> None:
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger) and logger.version:
-                checkpoint[RUN_ID_KEY] = logger.version
 
 
 def resume_wandb_run(loggers: list, checkpoint: dict) -> str | None:

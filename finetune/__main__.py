@@ -24,10 +24,8 @@ def main() -> None:
         print(__doc__)
         raise SystemExit(0 if command else 2)
     if command == "export":
-        from finetune.pretrained import _registered_configs
-        from pretrain.export import main as export_main
-
-        _registered_configs()  # our RNN architecture must be known to the Auto classes
+        import finetune.rnn  # noqa: F401  (our RNN architecture registers with the Auto classes)
+        from common.export import main as export_main
 
         report_user_errors(lambda: export_main(sys.argv[2:]))
     elif command == "compare":
@@ -47,8 +45,6 @@ def main() -> None:
     else:
         from finetune.cli import main as cli_main
 
-        if command == "evaluate":  # Lightning calls it `test`
-            sys.argv[1] = "test"
         report_user_errors(cli_main)
 
 

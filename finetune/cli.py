@@ -2,7 +2,7 @@
 
 `fit` fine-tunes ``--model.init`` on ``--data.task``, validating by generation every
 ``trainer.val_check_interval`` steps and keeping the best checkpoints by ``val/score``.
-`evaluate` (Lightning's `test`) scores a model zero- or few-shot (``--data.shots k``) on the task's
+`evaluate` (Lightning's `test`, under the name users look for) scores a model zero- or few-shot (``--data.shots k``) on the task's
 test split without training, and writes ``<run dir>/eval/<task>-<split>-<k>shot/``: results.json,
 results.md, predictions.jsonl and prompts-<split>.jsonl, plus a W&B table.
 """
@@ -10,7 +10,9 @@ results.md, predictions.jsonl and prompts-<split>.jsonl, plus a W&B table.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser
 
 from common.run_cli import RunCLI
@@ -18,6 +20,15 @@ from finetune.attention_plots import AttentionPlots
 from finetune.data import FinetuneDataModule
 from finetune.results import log_wandb_table, write_results
 from finetune.system import FinetuneSystem
+
+
+class FinetuneTrainer(Trainer):
+    """Lightning's Trainer with ``evaluate``: the CLI subcommand is named after the method it runs."""
+
+    def evaluate(self, model: Any = None, dataloaders: Any = None, ckpt_path: str | None = None, verbose: bool = True,
+                 datamodule: Any = None, weights_only: bool | None = None) -> Any:
+        """Score a model zero- or few-shot on the task's test split, without training."""
+        return self.test(model, dataloaders, ckpt_path, verbose, datamodule, weights_only)
 
 
 class FinetuneCLI(RunCLI):
@@ -35,15 +46,40 @@ class FinetuneCLI(RunCLI):
         # Generation length is one setting: the data module keeps room for it in the context.
         parser.link_arguments("model.max_new_tokens", "data.max_new_tokens")
 
-    def after_test(self) -> None:
+    def connect_model_and_data(self) -> None:
+        model, data = self.model, self.datamodule
+        self.results: dict = {}
+        if model.model is None:  # model.scratch: a trained tokenizer needs the task's data first
+            model.build_from_scratch(data.task, data.splits["train"], self.trainer.default_root_dir)
+        data.connect(model.tokenizer, model.kind, model.model.config)
+
+    def before_fit(self) -> None:
+        super().before_fit()
+        data = self.datamodule
+        if data.max_length > data.context["usable_context"]:  # the user's explicit, warned-about choice
+            self.model.trained_context(data.max_length)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        skip = {"model", "dataloaders", "datamodule"}
+        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"}, "validate": skip,
+                "evaluate": skip}
+
+    def after_evaluate(self) -> None:
         self._write_outputs("test")
 
     def after_validate(self) -> None:
         self._write_outputs("val")
 
     def _write_outputs(self, stage: str) -> None:
-        results, datamodule = self.model.last_results, self.datamodule
-        if not results or not self.trainer.is_global_zero:
+        """``self.results``: the model's scores with the data's side (task, split, n of N, context,
+        truncation, overlap); written and logged by rank 0."""
+        datamodule = self.datamodule
+        if not self.model.last_results:
+            return
+        stats = datamodule.prompt_stats(stage)
+        self.results = results = {"task": stats["task"], "split": stats["split"], **self.model.last_results, **stats}
+        if not self.trainer.is_global_zero:
             return
         name = f"{results['task']}-{results['split']}-{datamodule.shots}shot"
         out = Path(self.trainer.default_root_dir) / "eval" / name
@@ -58,6 +94,8 @@ def main(args: list[str] | None = None) -> FinetuneCLI:
     return FinetuneCLI(
         FinetuneSystem,
         FinetuneDataModule,
+        trainer_class=FinetuneTrainer,
+        parser_kwargs={"prog": "lmtrain finetune"},
         seed_everything_default=1234,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,

@@ -88,9 +88,9 @@ def train_and_score(cfg: CompareConfig, name: str, scratch: dict[str, Any], toke
     n_params = sum(p.numel() for p in fit.model.model.parameters())
     best = fit.trainer.checkpoint_callback.best_model_path or str(run_dir / "checkpoints" / "last.ckpt")
     subset = [] if cfg.max_eval_examples is None else ["--data.max_eval_examples", str(cfg.max_eval_examples)]
-    test = finetune_cli(["test", "--model.init", best, "--model.num_beams", str(cfg.num_beams), *subset,
+    test = finetune_cli(["evaluate", "--model.init", best, "--model.num_beams", str(cfg.num_beams), *subset,
                          "--trainer.logger", "false", *_common_args(cfg, run_dir / "test")])
-    results = test.model.last_results
+    results = test.results
     items = test.datamodule.eval_items["test"]
     return {"name": name, "params": n_params, "train_seconds": train_seconds, "checkpoint": best,
             "bleu": results["metrics"]["bleu"], "chrf": results["metrics"]["chrf"],

@@ -15,14 +15,19 @@ Context: every sequence fits ``max_length`` tokens, by default the model's usabl
 ``max_length`` is the user's explicit choice and is warned about; past a learned-position table's
 size it is refused. Over-long prompts are shortened by one rule for training and evaluation
 (``finetune.truncation``).
+
+The model side arrives in one call, ``connect(tokenizer, kind, config)``, which the CLI makes
+once the system exists (LitGPT's ``DataModule.connect``); this module never looks at the system.
+Evaluation batches carry what scoring needs (references, `Scoring`), so the system never looks here.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -36,6 +41,16 @@ from finetune.tasks import TaskConfig, load_split, load_task
 from finetune.train_examples import TrainExamples, TrainStats
 
 IGNORE_INDEX = -100  # label value cross-entropy skips
+
+
+class Scoring(NamedTuple):  # a NamedTuple, not a frozen dataclass: Lightning rebuilds batch members
+    """How an evaluation batch's predictions are scored: the task metric, the target language (for
+    sacreBLEU's tokenizer / ROUGE), the stop strings that end a completion, the split's size."""
+
+    metric: str
+    lang: str
+    stop: tuple[str, ...]
+    n_total: int
 
 
 class FinetuneDataModule(LightningDataModule):
@@ -97,21 +112,28 @@ class FinetuneDataModule(LightningDataModule):
         self.max_val_examples, self.max_eval_examples = max_val_examples, max_eval_examples
         self.tokenizer: Any = None
         self.kind = ""
+        self.template: Any = None
+        self.model_config: Any = None
         self.context: dict[str, Any] = {}
         self.eval_items: dict[str, list[dict[str, Any]]] = {}  # stage -> items (index order)
         self.eval_info: dict[str, dict[str, Any]] = {}  # stage -> {"n_total", "overlap"}
+        self.scoring: dict[str, Scoring] = {}  # stage -> how its predictions are scored
         self.train_stats: TrainStats | None = None
         self._train_examples: TrainExamples | None = None
 
     # ---- set-up -------------------------------------------------------------------------------
+    def connect(self, tokenizer: Any, kind: str, config: Any) -> None:
+        """What the data needs from the model: its tokenizer, its kind (which template) and its
+        config (its usable context). Called once, before ``setup``."""
+        self.tokenizer, self.kind, self.model_config = tokenizer, kind, config
+        self.template = self.task.template(kind)
+        self.max_length = self._resolve_max_length(config)
+
     def setup(self, stage: str | None = None) -> None:
-        """Take the tokenizer and model kind from the system, then render the needed splits."""
-        system = self.trainer.lightning_module
-        if getattr(system, "model", None) is None:  # model.scratch: tokenizer and model need the task
-            system.build_from_scratch(self.task, self.splits["train"])
-        self.tokenizer, self.kind = system.tokenizer, system.kind
-        self.template = self.task.template(self.kind)
-        self.max_length = self._resolve_max_length(system.model.config)
+        """Render the splits the stage needs."""
+        if self.tokenizer is None:
+            raise RuntimeError("FinetuneDataModule.connect(tokenizer, kind, config) must be called before setup "
+                               "(the finetune CLI does)")
         if stage == "fit":
             self.train_rows = load_split(self.task, self.splits["train"], self.max_train_examples, self.seed)
             self._build_eval("val", self.max_val_examples)
@@ -154,6 +176,8 @@ class FinetuneDataModule(LightningDataModule):
                                   reserve_tokens=self.max_new_tokens if self.kind == "decoder" else 0,
                                   shots=self.shots, seed=self.seed, train_split=self.splits["train"])
         self.eval_items[stage], self.eval_info[stage] = builder.build(self.splits[stage], max_examples)
+        self.scoring[stage] = Scoring(self.task.metric, self.task.target_lang or "en", tuple(self.template.stop),
+                                      self.eval_info[stage]["n_total"])
 
     def prompt_stats(self, stage: str) -> dict[str, Any]:
         """Items scored of the split's total, shots requested / used, truncations, the context used,
@@ -161,7 +185,8 @@ class FinetuneDataModule(LightningDataModule):
         items = self.eval_items.get(stage, [])
         info = self.eval_info.get(stage, {})
         shots = [it["n_shots"] for it in items]
-        return {"n_prompts": len(items), "n_total": info.get("n_total", len(items)),
+        return {"task": self.task.name, "split": self.splits[stage],
+                "n_prompts": len(items), "n_total": info.get("n_total", len(items)),
                 "subset": len(items) < info.get("n_total", len(items)),
                 "shots_requested": self.shots, "shots_used_mean": statistics.fmean(shots) if shots else 0.0,
                 "shots_used_min": min(shots, default=0), "n_truncated": sum(it["truncated"] for it in items),
@@ -208,7 +233,7 @@ class FinetuneDataModule(LightningDataModule):
 
     def _eval_loader(self, stage: str) -> DataLoader:
         return DataLoader(self.eval_items[stage], batch_size=self.eval_batch_size, shuffle=False,
-                          collate_fn=self.collate_eval, num_workers=self.num_workers)
+                          collate_fn=functools.partial(self.collate_eval, stage=stage), num_workers=self.num_workers)
 
     # ---- batching -----------------------------------------------------------------------------
     def collate_train(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
@@ -223,7 +248,8 @@ class FinetuneDataModule(LightningDataModule):
         return {"input_ids": _pad(sequences, pad), "attention_mask": _pad([[1] * len(s) for s in sequences], 0),
                 "labels": _pad(labels, IGNORE_INDEX)}  # (B, T) each
 
-    def collate_eval(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def collate_eval(self, items: list[dict[str, Any]], stage: str = "test") -> dict[str, Any]:
+        """Left- or right-padded prompts, their item indices and references, and the stage's `Scoring`."""
         tok = self.tokenizer
         # Decoder-only models continue the prompt: pad on the left so every prompt ends at the
         # same position. Encoder-decoders read the prompt whole: pad on the right.
@@ -231,7 +257,8 @@ class FinetuneDataModule(LightningDataModule):
         enc = tok([it["text"] for it in items], padding=True, return_tensors="pt", add_special_tokens=True)
         tok.padding_side = "right"
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                "index": torch.tensor([it["index"] for it in items])}
+                "index": torch.tensor([it["index"] for it in items]),
+                "references": [it["references"] for it in items], "scoring": self.scoring[stage]}
 
 
 def _pad(lists: list[list[int]], value: int) -> torch.Tensor:

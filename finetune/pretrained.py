@@ -3,24 +3,32 @@
 ``--model.init`` accepts, in this order of checks:
 
 * an lmtrain pretraining checkpoint: a ``.ckpt`` file, a DeepSpeed ZeRO checkpoint directory, or
-  a run directory (its ``checkpoints/last.ckpt``) — rebuilt exactly as ``pretrain export`` does;
+  a run directory (its ``checkpoints/last.ckpt``) — rebuilt exactly as ``export`` does;
 * a Hugging Face model directory (``config.json``), e.g. our own exports or a ``save_pretrained``;
 * a hub name (``gpt2``, ``t5-small``, ``facebook/bart-base``, ``Helsinki-NLP/opus-mt-en-fr``).
 
 Remote code is never trusted (``trust_remote_code=False``). The model's kind — ``decoder`` (causal
 LM) or ``encoder_decoder`` (seq2seq) — comes from its config and selects the task's template.
+
+``--model.scratch`` instead names a typed architecture (`common.archs.GPT2Arch`, `T5Arch`,
+`finetune.rnn.arch.RNNArch`), built here with the same builders pretraining uses.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Union
 
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer,
-                          PreTrainedModel)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
 
-ModelKind = Literal["decoder", "encoder_decoder"]
+from common.archs import GPT2Arch, T5Arch, build_gpt2, build_t5
+from common.checkpoints import (ModelKind, is_lmtrain_checkpoint_path, load_any_checkpoint, model_kind,
+                                resolve_checkpoint)
+from finetune.rnn.arch import RNNArch
+
+ScratchArch = Union[GPT2Arch, T5Arch, RNNArch]
+SCRATCH_ARCHS = {arch.model_type: arch for arch in (GPT2Arch, T5Arch, RNNArch)}
 
 
 @dataclass
@@ -31,26 +39,12 @@ class Pretrained:
     source: str  # what --model.init named, for logs and results
 
 
-def model_kind(config: Any) -> ModelKind:
-    return "encoder_decoder" if getattr(config, "is_encoder_decoder", False) else "decoder"
-
-
-def _is_lmtrain_checkpoint(path: Path) -> bool:
-    from common.zero_checkpoint import is_zero_checkpoint
-
-    if path.is_file():
-        return path.suffix == ".ckpt"
-    return is_zero_checkpoint(path) or (path / "checkpoints" / "last.ckpt").exists()
-
-
 def load_pretrained(init: str) -> Pretrained:
     """Model + tokenizer from an lmtrain checkpoint, an HF directory or a hub name (see module doc)."""
-    _registered_configs()
     path = Path(init).expanduser()
-    if path.exists() and _is_lmtrain_checkpoint(path):
+    if path.exists() and is_lmtrain_checkpoint_path(path):
+        from common.export import model_from_checkpoint
         from common.tokenizer import tokenizer_from_files
-        from common.zero_checkpoint import load_any_checkpoint
-        from pretrain.export import model_from_checkpoint, resolve_checkpoint
 
         ckpt = resolve_checkpoint(path)
         model, meta = model_from_checkpoint(load_any_checkpoint(ckpt), str(ckpt))
@@ -102,60 +96,57 @@ def freeze_fixed_position_tables(model: PreTrainedModel) -> None:
             module.requires_grad_(False)
 
 
-def _registered_configs() -> None:
-    """Our own architectures (the RNN seq2seq baselines) register with the Auto classes on import."""
-    try:
-        import finetune.rnn  # noqa: F401
-    except ImportError:  # the package is optional for pretrained-only use
-        pass
-
-
-def scratch_kind(scratch: dict[str, Any]) -> ModelKind:
-    """The kind of the model ``scratch`` describes; validates the config (unknown options, values)."""
-    _registered_configs()
+def scratch_arch(scratch: ScratchArch | dict[str, Any]) -> ScratchArch:
+    """The typed arch of ``model.scratch`` (a dict from Python or a checkpoint's hyper-parameters)."""
+    if not isinstance(scratch, dict):
+        return scratch
     options = dict(scratch)
     model_type = options.pop("model_type", None)
-    if not model_type:
-        raise ValueError("model.scratch needs a model_type (e.g. rnn_seq2seq, t5, bart, gpt2)")
+    if model_type not in SCRATCH_ARCHS:
+        raise ValueError(f"model.scratch: model_type={model_type!r}; expected one of {sorted(SCRATCH_ARCHS)}")
     try:
-        config = AutoConfig.for_model(model_type, **options)
-    except (KeyError, ValueError) as e:
-        raise ValueError(f"model.scratch: {e}") from None
-    return model_kind(config)
+        return SCRATCH_ARCHS[model_type](**options)
+    except TypeError as e:  # an unknown option
+        raise ValueError(f"model.scratch ({model_type}): {e}") from None
 
 
-def scratch_tokenizer(name: str | None, task: Any, train_split: str, vocab_size: int, trainer: Any) -> Any:
+def scratch_tokenizer(name: str | None, task: Any, train_split: str, vocab_size: int, run_dir: str | Path) -> Any:
     """An existing tokenizer, or a byte-level BPE trained on the task's train split (source and
-    target texts) and saved in ``<run dir>/tokenizer``, so a resumed run reuses exactly the same."""
+    target texts) and saved in ``<run dir>/tokenizer``, so a resumed run reuses exactly the same.
+
+    A file lock, not a barrier: the CLI calls this before the processes of a distributed run know
+    each other, and every rank (srun starts them together) waits for the first to finish.
+    """
+    from filelock import FileLock
+
     from common.tokenizer import load_tokenizer, train_bpe_tokenizer
     from finetune.tasks import load_split
 
     if name is not None:
         return load_tokenizer(name)
-    out = Path(trainer.default_root_dir) / "tokenizer"
-    if trainer.is_global_zero and not (out / "tokenizer.json").is_file():
-        rows = load_split(task, train_split)
-        texts = (text for row in rows for text in (row["source"], row["target"]))
-        train_bpe_tokenizer(texts, vocab_size, out, length=2 * len(rows))
-    trainer.strategy.barrier("scratch_tokenizer")
+    out = Path(run_dir) / "tokenizer"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out.parent / ".tokenizer.lock")):
+        if not (out / "tokenizer.json").is_file():
+            rows = load_split(task, train_split)
+            texts = (text for row in rows for text in (row["source"], row["target"]))
+            train_bpe_tokenizer(texts, vocab_size, out, length=2 * len(rows))
     return AutoTokenizer.from_pretrained(out)
 
 
-def build_scratch_model(scratch: dict[str, Any], tokenizer: Any) -> PreTrainedModel:
-    """A freshly initialised model of config ``scratch`` sized to ``tokenizer``."""
-    _registered_configs()
-    options = dict(scratch)
-    model_type = options.pop("model_type")
-    ids = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
-           "eos_token_id": tokenizer.eos_token_id,
-           "bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id}
-    config = AutoConfig.for_model(model_type, **{**ids, **options})
-    if model_kind(config) == "encoder_decoder":
-        if getattr(config, "decoder_start_token_id", None) is None:
-            config.decoder_start_token_id = tokenizer.pad_token_id  # as T5: the pad id starts decoding
-        model = AutoModelForSeq2SeqLM.from_config(config)
+def build_scratch_model(arch: ScratchArch, tokenizer: Any) -> PreTrainedModel:
+    """A freshly initialised model of ``arch`` sized to ``tokenizer``."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if isinstance(arch, GPT2Arch):
+        model = build_gpt2(arch, len(tokenizer), eos, pad)
+    elif isinstance(arch, T5Arch):
+        model = build_t5(arch, len(tokenizer), eos, pad)  # the pad id starts decoding, as in T5
     else:
-        model = AutoModelForCausalLM.from_config(config)
+        from finetune.rnn import RNNSeq2SeqForConditionalGeneration
+
+        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+        config = arch.to_config(vocab_size=len(tokenizer), pad_token_id=pad, eos_token_id=eos, bos_token_id=bos)
+        model = RNNSeq2SeqForConditionalGeneration(config)
     prepare_tokenizer(tokenizer, model)
     freeze_fixed_position_tables(model)
     return model

@@ -121,10 +121,10 @@ def evaluate(model: Model, task: SuiteTask, settings: Settings, shots: int, root
     """``python -m finetune evaluate`` on the task's test split; one row of the table."""
     started = time.time()
     subset = [] if settings.eval_examples is None else ["--data.max_eval_examples", str(settings.eval_examples)]
-    cli = finetune_cli(["test", *_common_args(model, task, settings, root), "--data.shots", str(shots),
+    cli = finetune_cli(["evaluate", *_common_args(model, task, settings, root), "--data.shots", str(shots),
                         "--data.test_split", task.test_split, *subset, "--trainer.logger", "false",
                         "--data.train_split", task.train_split])  # the overlap report checks what fine-tuning sees
-    r = cli.model.last_results
+    r = cli.results
     items = cli.datamodule.eval_items["test"]
     metrics = {k: float(v) for k, v in r["metrics"].items() if isinstance(v, float)}
     return Row(model.name, task.name, setting, r["score_name"], float(r["score"]), metrics, r["n_prompts"],

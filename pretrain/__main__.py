@@ -31,7 +31,7 @@ def main() -> None:
 
         report_user_errors(lambda: submit_main(sys.argv[2:], stage="pretrain"))
     elif command == "export":
-        from pretrain.export import main as export_main
+        from common.export import main as export_main
 
         report_user_errors(lambda: export_main(sys.argv[2:]))
     else:

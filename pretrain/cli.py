@@ -25,6 +25,13 @@ class PretrainCLI(RunCLI):
         super().add_arguments_to_parser(parser)
         parser.add_lightning_class_args(SpeedMonitor, "speed")
         parser.add_lightning_class_args(GenerationSamples, "samples")
+        # The model class decides what batches it trains on; the data module is told, never asked.
+        parser.link_arguments("model", "data.objective",
+                              compute_fn=_objective_of, apply_on="instantiate")
+
+
+def _objective_of(model: PretrainSystem) -> str:
+    return model.objective
 
 
 def main(args: list[str] | None = None) -> PretrainCLI:
@@ -32,6 +39,7 @@ def main(args: list[str] | None = None) -> PretrainCLI:
         PretrainSystem,  # the family is chosen by `model.class_path`: CausalLMSystem or SpanCorruptionSystem
         PretrainDataModule,
         subclass_mode_model=True,
+        parser_kwargs={"prog": "lmtrain pretrain"},
         seed_everything_default=1234,
         save_config_kwargs={"overwrite": True},  # a resumed run rewrites the same config.yaml
         auto_configure_optimizers=False,  # the system builds AdamW + schedule itself

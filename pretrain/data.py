@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 import lightning as L
 import torch
@@ -18,6 +18,15 @@ from pretrain.span_corruption import (
 )
 
 Objective = Literal["causal_lm", "span_corruption"]
+
+
+class ModelInputs(NamedTuple):
+    """What the model takes from the data (`PretrainSystem.configure_model`): the corpus tokenizer
+    (sentinels added for span corruption), the context it trains at, the batches' objective."""
+
+    tokenizer: Any
+    context_length: int
+    objective: Objective
 
 
 class PretrainDataModule(L.LightningDataModule):
@@ -43,7 +52,8 @@ class PretrainDataModule(L.LightningDataModule):
             seed: seed of the random block offsets (together with the epoch and the sample index);
                 for span_corruption also of the noise masks.
             objective: "causal_lm" (GPT next-token blocks: input_ids, targets) or "span_corruption"
-                (T5 denoising: input_ids, labels).
+                (T5 denoising: input_ids, labels). The CLI sets it from the model class
+                (``model.class_path``), so a YAML never names it.
             noise_density: span_corruption: fraction of raw tokens masked (T5: 0.15).
             mean_noise_span_length: span_corruption: mean length of a masked span (T5: 3.0).
             num_sentinels: span_corruption: sentinel tokens <extra_id_0>... added to the tokenizer;
@@ -112,6 +122,18 @@ class PretrainDataModule(L.LightningDataModule):
         if self.tokenizer is None:
             raise RuntimeError("PretrainDataModule.setup() has not run yet")
         return len(self.tokenizer)
+
+    def model_inputs(self) -> ModelInputs:
+        """The tokenizer, context length and objective a model must be built for (after setup)."""
+        if self.tokenizer is None:
+            raise RuntimeError("PretrainDataModule.setup() has not run yet")
+        return ModelInputs(self.tokenizer, self.block_size, self.objective)
+
+    @property
+    def sequence_tokens(self) -> int:
+        """Corpus tokens one training sequence consumes: GPT's block; T5's raw window, which span
+        corruption shortens to ``block_size`` encoder tokens (512 -> 568 raw tokens)."""
+        return self.tokens_length if self.objective == "span_corruption" else self.block_size
 
     def train_dataloader(self) -> ResumableDataLoader:
         """Random-offset blocks; resumes mid-epoch exactly when Lightning restored a checkpoint."""

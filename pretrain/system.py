@@ -1,34 +1,32 @@
 """The Lightning systems for pretraining; the models themselves are `transformers`' GPT-2 and T5.
 
-`PretrainSystem` owns what a training run adds around any model: AdamW with decay only on
-matmul weights, warmup + cosine LR, clipping with the gradient norm logged, token-weighted
-validation loss and perplexity, and what a checkpoint must carry to resume exactly and export on
-its own (HF config, tokenizer files, RNG state). A family subclass adds only its model, its loss
-and its FLOPs: `CausalLMSystem` (GPT-2, next-token loss on packed blocks) and
+`PretrainSystem` adds to `common.system.LMSystem` (optimiser, schedule, clipping, checkpoint
+metadata, RNG state, W&B continuity) what pretraining needs: a model built from a typed
+architecture once the corpus tokenizer is known, token-weighted validation loss and perplexity,
+and the trained context recorded in the model config. A family subclass adds only its model, its
+loss and its FLOPs: `CausalLMSystem` (GPT-2, next-token loss on packed blocks) and
 `SpanCorruptionSystem` (T5, span-corruption loss over target tokens).
+
+Model and data meet once: the CLI tells the data module the system's ``objective`` (a class
+attribute, so a T5 system always gets span-corruption batches), and `configure_model` takes the
+tokenizer and the context length from the data module (`PretrainDataModule.model_inputs`).
 """
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
 
-from common.deepspeed_strategy import offloads_optimizer
-from common.gradient_clipping import GradientClipping
-from common.checkpoint_io import CHECKPOINT_FORMAT, CHECKPOINT_KEY, CheckpointError, check_lmtrain_checkpoint
+from common.archs import GPT2Arch, T5Arch, build_gpt2, build_t5
 from common.model_context import TRAINED_CONTEXT_KEY, record_trained_context
-from common.optim import build_adamw, build_warmup_cosine
+from common.system import LMSystem
 from common.throughput import decoder_flops_per_token, decoder_n_params, seq2seq_flops_per_example, seq2seq_shape
-from common.tokenizer import tokenizer_fingerprint, tokenizer_to_files
-from pretrain.model import GPT2Arch, T5Arch, build_gpt2, build_t5
 
 
-class PretrainSystem(GradientClipping, LightningModule):
+class PretrainSystem(LMSystem):
     """What GPT and T5 pretraining share; subclasses set ``family``/``objective`` and implement
     ``build_model``, ``compute_loss`` and ``flops_per_batch``.
 
@@ -46,8 +44,9 @@ class PretrainSystem(GradientClipping, LightningModule):
             memory; the switch for long blocks or large micro-batches.
     """
 
-    family: str = ""  # checkpoint metadata: which model family this system trains
-    objective: str = ""  # the PretrainDataModule objective it consumes
+    stage = "pretrain"
+    family: str = ""  # the HF model_type this system trains (checkpoint metadata)
+    objective: str = ""  # the batches it consumes: PretrainDataModule's objective
     arch_class: type = GPT2Arch
 
     def __init__(
@@ -73,10 +72,7 @@ class PretrainSystem(GradientClipping, LightningModule):
                                    "warmup_steps": warmup_steps, "weight_decay": weight_decay,
                                    "betas": list(betas), "fused_adamw": fused_adamw, "compile": compile,
                                    "activation_checkpointing": activation_checkpointing})
-        self.model: torch.nn.Module | None = None
-        self.tokenizer = None
         self.val_loss = MeanMetric()
-        self._rng_to_restore: dict | None = None
         self._n_params: Any = None  # parameter count(s) for the FLOPs formula, once the model exists
 
     # ---- model construction -------------------------------------------------------------
@@ -84,16 +80,17 @@ class PretrainSystem(GradientClipping, LightningModule):
         """Build the HF model once the data module has prepared its tokenizer (vocab size)."""
         if self.model is not None:
             return
-        datamodule = getattr(self.trainer, "datamodule", None)
-        tokenizer = getattr(datamodule, "tokenizer", None)
-        if tokenizer is None:
-            raise RuntimeError(f"{type(self).__name__} needs a data module with a `tokenizer` (PretrainDataModule)")
-        objective = getattr(datamodule, "objective", "causal_lm")
-        if objective != self.objective:
+        inputs = self.trainer.datamodule.model_inputs()
+        if inputs.objective != self.objective:
             raise ValueError(f"{type(self).__name__} ({self.family}) trains on data.objective={self.objective!r}, "
-                             f"but the data module is configured with {objective!r}")
-        self.attach_tokenizer(tokenizer)
-        if getattr(self.trainer.strategy, "zero_stage_3", False):
+                             f"but the data module is configured with {inputs.objective!r}")
+        self.build(inputs.tokenizer, inputs.context_length)
+
+    def build(self, tokenizer: Any, context_length: int) -> None:
+        """The model for ``tokenizer`` trained at ``context_length`` tokens (GPT: the block; T5: the
+        encoder input), which becomes its recorded usable context (common/model_context.py)."""
+        self.tokenizer = tokenizer
+        if self._trainer is not None and getattr(self.trainer.strategy, "zero_stage_3", False):
             # Built inside DeepSpeed's zero.Init (ZeRO-3): each weight is partitioned into an empty
             # placeholder as its module is created, so HF's init (std 0.02, scaled residuals) would
             # run on nothing and still mark the modules initialised (measured: val loss 19 instead
@@ -102,36 +99,31 @@ class PretrainSystem(GradientClipping, LightningModule):
             from transformers.integrations.deepspeed import initialize_weights_zero3
 
             with no_init_weights():
-                self.model = self.build_model(tokenizer, datamodule)
+                self.model = self.build_model(tokenizer, context_length)
             initialize_weights_zero3(self.model)
             self.model.tie_weights()
         else:
-            self.model = self.build_model(tokenizer, datamodule)
-        # The usable context of what this run trains: GPT's block, T5's encoder input (common/model_context.py).
-        record_trained_context(self.model.config, datamodule.block_size)
+            self.model = self.build_model(tokenizer, context_length)
+        record_trained_context(self.model.config, context_length)
         if self.hparams.activation_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.hparams.compile:
             self.model.compile()  # in place: state_dict keys stay free of `_orig_mod.`
 
-    def attach_tokenizer(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self._tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
-
-    def build_model(self, tokenizer: Any, datamodule: Any) -> torch.nn.Module:
+    def build_model(self, tokenizer: Any, context_length: int) -> torch.nn.Module:
         raise NotImplementedError
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """(mean loss over the batch's target tokens, number of target tokens)."""
         raise NotImplementedError
 
+    def model_family(self) -> str | None:
+        return self.family
+
     # ---- steps ----------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, _ = self.compute_loss(batch)
-        self.log("train/loss", loss, prog_bar=True)
-        if self._is_logging_step():
-            self.log("train/ppl", loss.detach().exp())
-            self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
+        self.log_train_loss(loss)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -145,57 +137,11 @@ class PretrainSystem(GradientClipping, LightningModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         self.log("val/ppl", loss.exp(), sync_dist=True)  # exp of the mean loss, not the mean of exps
 
-    # ---- optimisation ---------------------------------------------------------------------
-    def configure_optimizers(self) -> dict:
-        max_steps = self.trainer.max_steps
-        if max_steps is None or max_steps < 1:
-            raise ValueError("trainer.max_steps must be set (> 0): the cosine LR schedule decays over it")
-        hp = self.hparams
-        warmup_steps = hp.warmup_steps
-        if self.trainer.fast_dev_run:  # a smoke run of a few steps: shrink warmup to fit
-            warmup_steps = min(warmup_steps, max_steps - 1)
-        optimizer = build_adamw(self.model, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas),
-                                fused=hp.fused_adamw, cpu_offload=offloads_optimizer(self.trainer.strategy))
-        scheduler = build_warmup_cosine(optimizer, warmup_steps, max_steps, hp.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
     # ---- checkpoints ----------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[CHECKPOINT_KEY] = {
-            "format": CHECKPOINT_FORMAT,
-            "family": self.family,
-            "hf_config": self.model.config.to_dict(),
-            "tokenizer_files": tokenizer_to_files(self.tokenizer),
-            "tokenizer_fingerprint": self._tokenizer_fingerprint,
-        }
-        # Lightning does not save RNG state; dropout needs it for a bitwise-exact resume.
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        if torch.cuda.is_available():
-            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # Under DeepSpeed the weights are in its shard files, not in this dict.
-        meta = check_lmtrain_checkpoint(checkpoint, "checkpoint", family=self.family, require_weights=False)
-        if self.tokenizer is not None and meta["tokenizer_fingerprint"] != self._tokenizer_fingerprint:
-            raise CheckpointError(
-                f"The checkpoint was trained with tokenizer {meta['tokenizer_fingerprint']} but the data "
-                f"module's tokenizer is {self._tokenizer_fingerprint}: resume on the same prepared corpus "
-                "(data.corpus.out_dir) or start a new run."
-            )
-        self._rng_to_restore = checkpoint.get("rng_states")
+    def checkpoint_loaded(self, meta: dict) -> None:
         if self.model is not None and meta["hf_config"].get(TRAINED_CONTEXT_KEY):
             # A run continued at another block size has been trained at the longer of the two.
             record_trained_context(self.model.config, meta["hf_config"][TRAINED_CONTEXT_KEY])
-
-    def on_train_start(self) -> None:
-        # Restored here, not in on_load_checkpoint: the sanity check and set-up between loading and
-        # the first step may draw random numbers, which an uninterrupted run would not have drawn.
-        if self._rng_to_restore:
-            torch.set_rng_state(self._rng_to_restore["torch"])
-            random.setstate(self._rng_to_restore["python"])
-            if "cuda" in self._rng_to_restore and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(self._rng_to_restore["cuda"])
-            self._rng_to_restore = None
 
 
 class CausalLMSystem(PretrainSystem):
@@ -214,10 +160,9 @@ class CausalLMSystem(PretrainSystem):
         """
         super().__init__(arch, **optim)
 
-    def build_model(self, tokenizer: Any, datamodule: Any) -> torch.nn.Module:
-        block_size = getattr(datamodule, "block_size", None)
-        if block_size is not None and block_size > self.arch.n_positions:
-            raise ValueError(f"data.block_size={block_size} exceeds model.arch.n_positions={self.arch.n_positions}")
+    def build_model(self, tokenizer: Any, context_length: int) -> torch.nn.Module:
+        if context_length > self.arch.n_positions:
+            raise ValueError(f"data.block_size={context_length} exceeds model.arch.n_positions={self.arch.n_positions}")
         return build_gpt2(self.arch, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
 
     def flops_per_token(self, seq_len: int) -> float:
@@ -252,7 +197,7 @@ class SpanCorruptionSystem(PretrainSystem):
         """
         super().__init__(arch, **optim)
 
-    def build_model(self, tokenizer: Any, datamodule: Any) -> torch.nn.Module:
+    def build_model(self, tokenizer: Any, context_length: int) -> torch.nn.Module:
         return build_t5(self.arch, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
 
     def flops_per_batch(self, batch: dict[str, torch.Tensor]) -> float:

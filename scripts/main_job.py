@@ -83,7 +83,7 @@ def pretrain(family: str, run_dir: str, quick: bool) -> dict:
     from transformers import pipeline
 
     from pretrain.cli import main as pretrain_cli
-    from pretrain.export import export_checkpoint
+    from common.export import export_checkpoint
     from pretrain.shards import unigram_baseline
     from pretrain.span_corruption import target_unigram_baseline
 

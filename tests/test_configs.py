@@ -58,7 +58,7 @@ def test_gpt_presets_pretrain_at_their_full_context(path: Path) -> None:
     position it declares (issue 10: gpt-tiny declared 256 and trained 128)."""
     import yaml
 
-    from pretrain.model import GPT2Arch
+    from common.archs import GPT2Arch
 
     config = yaml.safe_load(path.read_text())
     if config["model"]["class_path"].rsplit(".", 1)[-1] != "CausalLMSystem":

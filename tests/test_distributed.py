@@ -21,7 +21,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from common.zero_checkpoint import consolidated_state_dict, is_zero_checkpoint
+from common.checkpoints import consolidated_state_dict, is_zero_checkpoint
 from pretrain.shards import RandomBlocks, TokenStream
 from tests.distributed_probe import probe_logits
 from tests.tiny_run import write_run_config
@@ -171,7 +171,7 @@ def test_zero_trains_generates_and_exports_live_logits(runs: Runs, preset: str, 
     assert not list((run_dir / "checkpoints").glob("*.partial"))
 
     out = tmp_path / "hf"
-    from pretrain.export import export_checkpoint
+    from common.export import export_checkpoint
 
     export_checkpoint(str(last), str(out))
     auto = AutoModelForSeq2SeqLM if family == "t5" else AutoModelForCausalLM

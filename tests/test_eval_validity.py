@@ -51,7 +51,7 @@ def pretrained_gpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_pretraining_records_its_context_in_checkpoint_and_export(pretrained_gpt: Path, tmp_path: Path) -> None:
-    from pretrain.export import export_checkpoint
+    from common.export import export_checkpoint
 
     out = export_checkpoint(str(pretrained_gpt), str(tmp_path / "hf"))
     config = json.loads((out / "config.json").read_text())
@@ -61,10 +61,10 @@ def test_pretraining_records_its_context_in_checkpoint_and_export(pretrained_gpt
 
 def test_evaluate_never_builds_a_prompt_past_the_trained_context(pretrained_gpt: Path, data_root: Path,
                                                                  tmp_path: Path) -> None:
-    cli = finetune_cli(["test", "--model.init", str(pretrained_gpt), "--data.task", "tatoeba_en_fr",
+    cli = finetune_cli(["evaluate", "--model.init", str(pretrained_gpt), "--data.task", "tatoeba_en_fr",
                         "--data.shots", "5", "--data.max_eval_examples", "12", "--model.max_new_tokens", "6",
                         "--trainer.default_root_dir", str(tmp_path), *QUIET])
-    results = cli.model.last_results
+    results = cli.results
     assert results["max_length"] == results["usable_context"] == 32
     tokenizer = cli.model.tokenizer
     prompts = [json.loads(line) for line in (tmp_path / "eval" / "tatoeba_en_fr-test-5shot"
@@ -77,11 +77,11 @@ def test_evaluate_never_builds_a_prompt_past_the_trained_context(pretrained_gpt:
 def test_a_longer_max_length_is_warned_about_and_past_the_table_refused(pretrained_gpt: Path, data_root: Path,
                                                                        tmp_path: Path,
                                                                        capsys: pytest.CaptureFixture) -> None:
-    args = ["test", "--model.init", str(pretrained_gpt), "--data.task", "tatoeba_en_fr", "--data.max_eval_examples",
+    args = ["evaluate", "--model.init", str(pretrained_gpt), "--data.task", "tatoeba_en_fr", "--data.max_eval_examples",
             "2", "--model.max_new_tokens", "4", "--trainer.default_root_dir", str(tmp_path), *QUIET]
     with pytest.warns(UserWarning, match="exceeds the model's usable context of 32 tokens"):
         cli = finetune_cli([*args, "--data.max_length", "48"])
-    assert cli.model.last_results["max_length"] == 48
+    assert cli.results["max_length"] == 48
     with pytest.raises(SystemExit):
         report_user_errors(lambda: finetune_cli([*args, "--data.max_length", "65"]))
     assert "exceeds the model's 64 learned positions" in capsys.readouterr().err
@@ -142,13 +142,13 @@ def test_evaluate_scores_the_whole_split_by_default_and_says_n_of_n(tmp_path: Pa
     fixtures = Path(__file__).parent / "fixtures" / "tasks"
     monkeypatch.setenv("LMTRAIN_DATA_ROOT", str(fixtures))
     model = save_tiny_model("gpt2", tmp_path / "gpt2")
-    base = ["test", "--model.init", str(model), "--data.task", str(fixtures / "capitals.yaml"),
+    base = ["evaluate", "--model.init", str(model), "--data.task", str(fixtures / "capitals.yaml"),
             "--model.max_new_tokens", "2", *QUIET]
-    whole = finetune_cli([*base, "--trainer.default_root_dir", str(tmp_path / "a")]).model.last_results
+    whole = finetune_cli([*base, "--trainer.default_root_dir", str(tmp_path / "a")]).results
     n_rows = len(load_split(load_task(fixtures / "capitals.yaml"), "test"))
     assert whole["n_prompts"] == whole["n_total"] == n_rows and not whole["subset"]
     part = finetune_cli([*base, "--data.max_eval_examples", "2", "--trainer.default_root_dir", str(tmp_path / "b")])
-    assert (part.model.last_results["n_prompts"], part.model.last_results["subset"]) == (2, True)
+    assert (part.results["n_prompts"], part.results["subset"]) == (2, True)
     table = (tmp_path / "b" / "eval" / "capitals-test-0shot" / "results.md").read_text()
     assert f"| 2 of {n_rows} |" in table and "[95% CI]" in table
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, pipeline
 
-from common.checkpoint_io import CheckpointError
+from common.checkpoints import CheckpointError
 from pretrain.cli import main as pretrain_cli
-from pretrain.export import export_checkpoint
+from common.export import export_checkpoint
 from tests.tiny_run import write_run_config
 
 AUTO = {"gpt2": AutoModelForCausalLM, "t5": AutoModelForSeq2SeqLM}

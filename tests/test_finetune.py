@@ -29,7 +29,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _evaluate(model: Path | str, task: str, run_dir: Path, *extra: str, shots: int = 1, n: int = 4):
-    return finetune_cli(["test", "--model.init", str(model), "--data.task", task, "--data.shots", str(shots),
+    return finetune_cli(["evaluate", "--model.init", str(model), "--data.task", task, "--data.shots", str(shots),
                          "--data.max_eval_examples", str(n), "--data.eval_batch_size", "4",
                          "--model.max_new_tokens", "4", "--trainer.default_root_dir", str(run_dir), *QUIET, *extra])
 
@@ -39,7 +39,7 @@ def _evaluate(model: Path | str, task: str, run_dir: Path, *extra: str, shots: i
 def test_evaluate_every_shipped_task(task: str, family: str, tiny: dict[str, Path], data_root: Path,
                                      tmp_path: Path) -> None:
     cli = _evaluate(tiny[family], task, tmp_path)
-    results = cli.model.last_results
+    results = cli.results
     out = tmp_path / "eval" / f"{task}-{results['split']}-1shot"
     saved = json.loads((out / "results.json").read_text())
     assert saved["n_prompts"] == 4 and saved["kind"] == ("decoder" if family == "gpt2" else "encoder_decoder")
@@ -75,8 +75,8 @@ def test_fine_tune_released_checkpoint_then_evaluate_and_export(kind: str, tiny:
 
     # The fine-tuned checkpoint is a valid --model.init, and exports to an HF directory.
     again = _evaluate(run / "checkpoints" / "last.ckpt", task, tmp_path / "eval", shots=0, n=3)
-    assert again.model.last_results["n_prompts"] == 3
-    from pretrain.export import export_checkpoint
+    assert again.results["n_prompts"] == 3
+    from common.export import export_checkpoint
 
     out = export_checkpoint(str(run / "checkpoints" / "last.ckpt"), str(tmp_path / "hf"))
     auto = AutoModelForCausalLM if kind == "gpt2" else AutoModelForSeq2SeqLM
@@ -148,7 +148,7 @@ def test_training_sequences_never_exceed_max_length(kind: str, tiny: dict[str, P
 def test_prompts_longer_than_the_context_are_truncated_and_counted(tiny: dict[str, Path], data_root: Path,
                                                                    tmp_path: Path) -> None:
     cli = _evaluate(tiny["gpt2"], "dialogsum", tmp_path, "--data.max_length", "96", shots=2, n=4)
-    results = cli.model.last_results
+    results = cli.results
     assert results["n_truncated"] == 4  # dialogues are longer than 96 - 4 tokens even alone
     assert results["shots_used_mean"] == 0.0 and results["shots_requested"] == 2
     for item in cli.datamodule.eval_items["test"]:

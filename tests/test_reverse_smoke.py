@@ -17,7 +17,7 @@ FAMILIES = {
     "rnn": ("{model_type: rnn_seq2seq, cell: lstm, embedding_dim: 32, hidden_size: 64, attention: luong_dot, dropout: 0.0}",
             1e-2),
     "transformer": ("{model_type: t5, d_model: 64, d_ff: 256, d_kv: 16, num_heads: 4, num_layers: 2, "
-                    "dropout_rate: 0.0, feed_forward_proj: relu}", 2e-3),
+                    "dropout: 0.0, feed_forward_proj: relu}", 2e-3),
 }
 
 
@@ -45,9 +45,9 @@ def test_reverse_loss_falls(family: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_reverse_is_solved(family: str, tmp_path: Path) -> None:
     _fit(family, tmp_path, 1500, "--trainer.val_check_interval", "1500", "--data.max_val_examples", "200")
-    test = finetune_cli(["test", "--model.init", str(tmp_path / "checkpoints" / "last.ckpt"), "--data.task", "reverse",
+    test = finetune_cli(["evaluate", "--model.init", str(tmp_path / "checkpoints" / "last.ckpt"), "--data.task", "reverse",
                          "--model.max_new_tokens", "16", "--data.eval_batch_size", "200", "--trainer.logger", "false",
                          "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "test")])
-    exact = test.model.last_results["metrics"]["exact_match"]
+    exact = test.results["metrics"]["exact_match"]
     results = json.loads((tmp_path / "test" / "eval" / "reverse-test-0shot" / "results.json").read_text())
     assert exact == results["metrics"]["exact_match"] >= 95.0, results["metrics"]

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from common.checkpoint_io import CheckpointError, load_checkpoint_file
+from common.checkpoints import CheckpointError, load_checkpoint_file
 from common.deepspeed_strategy import ZeroStrategy, _replace_dir
 from common.fsdp_strategy import TransformerBlockFSDPStrategy, resolve_class
 from common.global_batch import GlobalBatch
-from common.zero_checkpoint import is_zero_checkpoint, model_states_file
+from common.checkpoints import is_zero_checkpoint, model_states_file
 
 
 def test_global_batch_counts_sequences_and_tokens() -> None:

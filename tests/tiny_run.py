@@ -49,11 +49,9 @@ def write_run_config(tmp_path: Path, max_steps: int = 8, val_every: int = 4, fam
     tmp_path.mkdir(parents=True, exist_ok=True)
     corpus = write_corpus(tmp_path)
     extra = "".join(f"  {k}: {v}\n" for k, v in trainer.items())
-    objective = "span_corruption" if family == "t5" else "causal_lm"
     config = tmp_path / f"tiny-{family}.yaml"
     config.write_text(_MODELS[family] + f"""\
 data:
-  objective: {objective}
   corpus:
     sources: [{{local: {corpus}}}]
     out_dir: {tmp_path / 'corpus'}

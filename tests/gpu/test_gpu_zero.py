@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from common.zero_checkpoint import is_zero_checkpoint
-from pretrain.export import export_checkpoint
+from common.checkpoints import is_zero_checkpoint
+from common.export import export_checkpoint
 from tests.distributed_probe import probe_logits
 from tests.test_distributed import PRESETS, _fit, _probe_yaml
 from tests.tiny_run import write_run_config

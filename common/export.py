@@ -1,4 +1,5 @@
-"""`python -m pretrain export <checkpoint> <out_dir>`: a Hugging Face model directory from a checkpoint.
+"""`lmtrain pretrain export` / `lmtrain finetune export <checkpoint> <out_dir>`: a Hugging Face model
+directory from a checkpoint of either stage.
 
 The checkpoint may be a `.ckpt` file or a DeepSpeed ZeRO checkpoint directory (any stage, any
 number of ranks): the sharded fp32 weights are consolidated on CPU, no GPU or DeepSpeed launch needed.
@@ -18,35 +19,24 @@ import torch
 from jsonargparse import CLI
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, GenerationConfig, PreTrainedModel
 
-from common.checkpoint_io import CheckpointError, check_lmtrain_checkpoint
-from common.zero_checkpoint import is_zero_checkpoint, load_any_checkpoint
+from common.checkpoints import CheckpointError, check_lmtrain_checkpoint, load_any_checkpoint, resolve_checkpoint
 from common.tokenizer import tokenizer_from_files
 
-# model family -> HF auto class that loads it: our pretrained families, and the two kinds of any
-# HF model a fine-tuning run starts from (gpt2, t5, bart, marian, ...)
-AUTO_CLASSES = {"gpt2": AutoModelForCausalLM, "t5": AutoModelForSeq2SeqLM,
-                "decoder": AutoModelForCausalLM, "encoder_decoder": AutoModelForSeq2SeqLM}
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file or ZeRO directory, or a run directory (its checkpoints/last.ckpt)."""
-    path = Path(path)
-    if path.is_dir() and not is_zero_checkpoint(path):
-        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
-            if candidate.is_file() or is_zero_checkpoint(candidate):
-                return candidate
-        raise CheckpointError(f"{path} is neither a DeepSpeed checkpoint nor a run directory with checkpoints/last.ckpt")
-    return path
+# model kind -> the HF auto class that builds and loads it (gpt2, t5, bart, marian, our RNNs, ...)
+AUTO_CLASSES = {"decoder": AutoModelForCausalLM, "encoder_decoder": AutoModelForSeq2SeqLM}
 
 
 def model_from_checkpoint(checkpoint: dict, source: str) -> tuple[PreTrainedModel, dict]:
     """Rebuild the HF model of a checkpoint and load its weights strictly; returns (model, metadata)."""
     meta = check_lmtrain_checkpoint(checkpoint, source)
-    if meta["family"] not in AUTO_CLASSES:
-        raise CheckpointError(f"{source}: unknown model family {meta['family']!r}")
+    if meta["kind"] not in AUTO_CLASSES:
+        raise CheckpointError(f"{source}: unknown model kind {meta['kind']!r}")
     hf_config = dict(meta["hf_config"])
-    config = AutoConfig.for_model(hf_config.pop("model_type"), **hf_config)
-    model = AUTO_CLASSES[meta["family"]].from_config(config)
+    try:
+        config = AutoConfig.for_model(hf_config.pop("model_type"), **hf_config)
+    except ValueError as e:  # an architecture this process has not registered (our RNNs: import finetune.rnn)
+        raise CheckpointError(f"{source}: {str(e).splitlines()[0]}") from None
+    model = AUTO_CLASSES[meta["kind"]].from_config(config)
     prefix = "model."
     state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -79,7 +69,8 @@ def export_checkpoint(checkpoint: str, out_dir: str, overwrite: bool = False, ve
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         decoder_start_token_id=getattr(model.config, "decoder_start_token_id", None),
-        do_sample=meta["family"] == "gpt2",  # free text generation samples; seq2seq decodes greedily
+        # A pretrained decoder generates free text, which samples; tasks and seq2seq decode greedily.
+        do_sample=meta["kind"] == "decoder" and meta.get("stage", "pretrain") == "pretrain",
         top_k=50,
         max_new_tokens=64,
     )
@@ -89,7 +80,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, overwrite: bool = False, ve
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if verify:
-            _verify_export(model, tmp, meta["family"], tokenizer.eos_token_id)
+            _verify_export(model, tmp, meta["kind"])
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -100,8 +91,8 @@ def export_checkpoint(checkpoint: str, out_dir: str, overwrite: bool = False, ve
 
 
 @torch.no_grad()
-def _verify_export(model: PreTrainedModel, directory: Path, family: str, token_id: int) -> None:
-    reloaded = AUTO_CLASSES[family].from_pretrained(directory).eval()
+def _verify_export(model: PreTrainedModel, directory: Path, kind: str) -> None:
+    reloaded = AUTO_CLASSES[kind].from_pretrained(directory).eval()
     ids = torch.arange(8).remainder(model.config.vocab_size).unsqueeze(0)  # (1, 8)
     kwargs = {"decoder_input_ids": ids} if model.config.is_encoder_decoder else {}
     expected, actual = model(input_ids=ids, **kwargs).logits, reloaded(input_ids=ids, **kwargs).logits

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.checkpoint_io import (AtomicCheckpointIO, CheckpointError, atomic_torch_save,
+from common.checkpoints import (AtomicCheckpointIO, CheckpointError, atomic_torch_save,
                                   check_lmtrain_checkpoint, load_checkpoint_file)
 
 

@@ -1,14 +1,17 @@
-"""Model architectures for pretraining, built from `transformers` classes.
+"""Transformer architectures trained from scratch (pretraining, and fine-tuning's ``--model.scratch``).
 
-We do not re-implement GPT-2: `GPT2Config` -> `GPT2LMHeadModel` (SDPA attention) is the
-architecture. What lives here is the mapping from a small, typed preset (what a YAML names) to
-the HF config, plus the vocabulary rule: the model's vocabulary is the tokenizer's, rounded up to
-a multiple of 64 so the embedding/LM-head matmuls hit fast kernel shapes (nanoGPT: 50257 -> 50304).
+We do not re-implement GPT-2 or T5: `GPT2Config` -> `GPT2LMHeadModel` (SDPA attention) is the
+architecture. What lives here is the mapping from a small, typed preset (what a YAML names; bad
+values fail when the config is parsed) to the HF config, plus the vocabulary rule: the model's
+vocabulary is the tokenizer's, rounded up to a multiple of 64 so the embedding/LM-head matmuls hit
+fast kernel shapes (nanoGPT: 50257 -> 50304). ``model_type`` tells the archs apart where a config
+may hold any of them (``--model.scratch {model_type: t5, d_model: 256}``).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
 
@@ -31,8 +34,10 @@ class GPT2Arch:
         vocab_size: Model vocabulary; None = the tokenizer's size padded to a multiple of vocab_multiple.
         vocab_multiple: Round the vocabulary up to this multiple (fast matmul shapes: 50,258 -> 50,304).
         attn_implementation: HF attention backend: "sdpa" (torch scaled_dot_product_attention) or "eager".
+        model_type: Always "gpt2" (names this arch where several are possible).
     """
 
+    model_type: Literal["gpt2"] = "gpt2"
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -40,7 +45,7 @@ class GPT2Arch:
     dropout: float = 0.0
     vocab_size: int | None = None
     vocab_multiple: int = 64
-    attn_implementation: str = "sdpa"
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -108,8 +113,11 @@ class T5Arch:
         dropout: Dropout rate (0 is usual for pretraining).
         vocab_size: Model vocabulary; None = the tokenizer's size (sentinels included) padded to vocab_multiple.
         vocab_multiple: Round the vocabulary up to this multiple.
+        feed_forward_proj: "gated-gelu" (T5 v1.1) or "relu" (the original T5).
+        model_type: Always "t5" (names this arch where several are possible).
     """
 
+    model_type: Literal["t5"] = "t5"
     d_model: int = 512
     d_ff: int = 1024
     d_kv: int = 64
@@ -121,6 +129,7 @@ class T5Arch:
     dropout: float = 0.0
     vocab_size: int | None = None
     vocab_multiple: int = 64
+    feed_forward_proj: Literal["gated-gelu", "relu"] = "gated-gelu"
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ff", "d_kv", "num_heads", "num_layers", "vocab_multiple"):
@@ -146,7 +155,7 @@ def build_t5(arch: T5Arch, tokenizer_size: int, eos_id: int, pad_id: int) -> T5F
         relative_attention_num_buckets=arch.relative_attention_num_buckets,
         relative_attention_max_distance=arch.relative_attention_max_distance,
         dropout_rate=arch.dropout,
-        feed_forward_proj="gated-gelu",
+        feed_forward_proj=arch.feed_forward_proj,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
         decoder_start_token_id=pad_id,

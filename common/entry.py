@@ -1,0 +1,33 @@
+"""`lmtrain <stage> <command> ...`: the console entry point (``[project.scripts]`` in pyproject.toml).
+
+    lmtrain pretrain fit --config configs/pretrain/gpt-tiny.yaml
+    lmtrain finetune evaluate --model.init runs/gpt-tiny --data.task tatoeba_en_fr --data.shots 5
+
+The same as ``python -m pretrain ...`` / ``python -m finetune ...``, which keep working. This is
+the one module that names the stages, and it does so by name only (``importlib``), so `common/`
+still imports neither of them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+STAGES = {"pretrain": "pretrain GPT-2 / T5 models; prepare, fit, validate, export, submit",
+          "finetune": "fine-tune and evaluate on tasks; fit, evaluate, validate, export, compare, attention, submit"}
+
+
+def main() -> None:
+    stage = sys.argv[1] if len(sys.argv) > 1 else None
+    if stage not in STAGES:
+        print("usage: lmtrain {pretrain,finetune} <command> ...\n\n"
+              + "\n".join(f"  {name:<9} {what}" for name, what in STAGES.items())
+              + "\n\n`lmtrain <stage> --help` lists a stage's commands.")
+        raise SystemExit(0 if stage in ("-h", "--help") else 2)
+    del sys.argv[1]
+    sys.argv[0] = f"lmtrain {stage}"  # usage lines name the command the user typed
+    importlib.import_module(f"{stage}.__main__").main()
+
+
+if __name__ == "__main__":
+    main()
