@@ -135,7 +135,7 @@ def test_ddp_two_processes_shard_data_reduce_metrics_and_write_checkpoints_once(
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert names[0] == "last.ckpt" and len(names) == 3, names
     assert all(n.startswith("step0000004-") or n.startswith("step0000008-") for n in names[1:]), names
-    assert "x 2 (world size) = 8 sequences = 256 tokens of 32" in (run_dir / "output.txt").read_text()
+    assert "x 2 (world size) = 8 sequences = 256 corpus tokens (32 per sequence)" in (run_dir / "output.txt").read_text()
 
 
 def test_ddp_resume_after_sigkill_matches_uninterrupted_run(runs: Runs, tmp_path: Path) -> None:

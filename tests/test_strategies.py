@@ -19,7 +19,7 @@ def test_global_batch_counts_sequences_and_tokens() -> None:
     assert batch.sequences == 512
     assert batch.tokens == 524_288
     assert batch.describe() == ("global batch = 8 (micro-batch) x 8 (accumulation) x 8 (world size) = "
-                                "512 sequences = 524,288 tokens of 1024")
+                                "512 sequences = 524,288 corpus tokens (1024 per sequence)")
     assert GlobalBatch(4, 1, 2, None).tokens is None
 
 

@@ -128,3 +128,15 @@ def test_console_entry_point_names_the_real_command() -> None:
     assert out.stdout.startswith("usage: lmtrain finetune [options] evaluate")
     out = subprocess.run([str(lmtrain)], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert out.returncode == 2 and "pretrain" in out.stdout and "finetune" in out.stdout
+
+
+def test_global_batch_counts_the_corpus_tokens_a_t5_sequence_consumes(tmp_path: Path) -> None:
+    """T5's block_size is the encoder input; the sampler and the logged global batch both count the
+    longer raw window that span corruption shortens to it (they used to disagree)."""
+    from pretrain.corpus import CorpusConfig, CorpusSource
+    from pretrain.data import PretrainDataModule
+
+    corpus = CorpusConfig(sources=[CorpusSource(local="x.txt")], out_dir=str(tmp_path / "none"))
+    t5 = PretrainDataModule(corpus, block_size=512, objective="span_corruption")
+    assert t5.sequence_tokens == t5.tokens_length == 568  # T5's own example: 512 inputs <- 568 raw tokens
+    assert PretrainDataModule(corpus, block_size=512).sequence_tokens == 512
