@@ -9,7 +9,6 @@ The build pipeline itself (tokenize + write) is :func:`pretrain.prepare.build_co
 
 from __future__ import annotations
 
-import glob as globlib
 import hashlib
 import json
 import logging
@@ -19,20 +18,18 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
-from common.data_root import data_root, resolve_local
+from common.data_files import BUILDER_FORMATS, BuilderFormat, find_local, infer_format, load_files, load_hub
+from common.data_root import data_root
 from pretrain.shards import MANIFEST, load_manifest
 
 log = logging.getLogger(__name__)
 
-_EXT_FORMAT = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json",
-               ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
-_FORMATS = ("text", "json", "csv", "parquet")
-_SAMPLE_BY = ("line", "paragraph", "document")
-_ROLES = ("train", "val")
+SampleBy = Literal["line", "paragraph", "document"]
+Role = Literal["train", "val"]
 
 
 @dataclass
@@ -57,10 +54,18 @@ class CorpusSource:
     hub_config: str | None = None
     split: str = "train"
     local: str | list[str] | None = None
-    format: str | None = None
+    format: BuilderFormat | None = None
     text_column: str = "text"
-    sample_by: str = "line"
-    role: str = "train"
+    sample_by: SampleBy = "line"
+    role: Role = "train"
+
+    def __post_init__(self) -> None:
+        # A config file is checked against these Literals by jsonargparse; this catches a
+        # CorpusSource built in Python, before any file is read.
+        for key, allowed in (("format", (*BUILDER_FORMATS, None)), ("sample_by", get_args(SampleBy)),
+                             ("role", get_args(Role))):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"CorpusSource.{key}={getattr(self, key)!r}; expected one of {allowed}")
 
 
 @dataclass
@@ -94,6 +99,17 @@ class CorpusConfig:
     streaming: bool = False
 
 
+def check_config(config: CorpusConfig) -> None:
+    """Raise naming the first setting of ``config`` that cannot give a corpus."""
+    if not config.sources:
+        raise ValueError("corpus config: `sources` is empty; list at least one source")
+    if not 0.0 < config.val_fraction < 1.0:
+        raise ValueError(f"corpus config: val_fraction={config.val_fraction} must be in (0, 1)")
+    for key in ("holdout_block", "shard_tokens", "num_proc", "bpe_vocab_size"):
+        if getattr(config, key) < 1:
+            raise ValueError(f"corpus config: {key}={getattr(config, key)} must be >= 1")
+
+
 @dataclass
 class ResolvedSource:
     """A source after resolution: its name for messages, where it comes from, and its input spec."""
@@ -106,60 +122,26 @@ class ResolvedSource:
     spec: dict[str, Any]
 
 
-def _expand(entry: str) -> list[Path]:
-    """Files for one ``local`` entry (file, directory or glob); [] when nothing matches."""
-    if any(c in entry for c in "*?["):
-        root = data_root()
-        bases = [Path()] if Path(entry).is_absolute() else ([root] if root else []) + [Path.cwd()]
-        for base in bases:
-            hits = sorted(Path(p) for p in globlib.glob(str(base / entry), recursive=True) if Path(p).is_file())
-            if hits:
-                return hits
-        return []
-    path = resolve_local(entry)
-    if path is None:
-        return []
-    if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-    return [path]
-
-
-def _infer_format(index: int, files: list[Path]) -> str:
-    fmts = {_EXT_FORMAT.get(f.suffix.lower()) for f in files}
-    if None in fmts or len(fmts) != 1:
-        raise ValueError(f"sources[{index}]: cannot infer one format from {[f.name for f in files]}; "
-                         f"set format to one of {_FORMATS}")
-    return fmts.pop()
-
-
 def resolve_source(index: int, src: CorpusSource) -> ResolvedSource:
     """Pick local files (when all exist) or the hub for source ``index``; one clear error when neither works."""
-    if src.sample_by not in _SAMPLE_BY:
-        raise ValueError(f"sources[{index}].sample_by={src.sample_by!r}; expected one of {_SAMPLE_BY}")
-    if src.role not in _ROLES:
-        raise ValueError(f"sources[{index}].role={src.role!r}; expected one of {_ROLES}")
-    entries = [src.local] if isinstance(src.local, str) else list(src.local or [])
-    expanded = {e: _expand(e) for e in entries}
-    missing = [e for e, files in expanded.items() if not files]
+    local = find_local(src.local)
     common = {"text_column": src.text_column, "role": src.role}
-    if entries and not missing:
-        files = [f.resolve() for fs in expanded.values() for f in fs]
-        fmt = src.format or _infer_format(index, files)
-        if fmt not in _FORMATS:
-            raise ValueError(f"sources[{index}].format={fmt!r}; expected one of {_FORMATS}")
+    if local.found:
+        files = [f.resolve() for f in local.files]
+        fmt = src.format or infer_format(files, f"sources[{index}]")
         stats = [{"path": str(f), "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files]
         spec = {"files": stats, "format": fmt, **common}
         if fmt == "text":
             spec["sample_by"] = src.sample_by
-        return ResolvedSource(index, src, f"sources[{index}] ({entries[0]})", files, fmt, spec)
+        return ResolvedSource(index, src, f"sources[{index}] ({next(iter(local.matched))})", files, fmt, spec)
     if src.hub:
-        if missing:
+        if local.missing:
             log.info("sources[%d]: local %s not found (data root %s); using hub %s",
-                     index, missing, data_root(), src.hub)
+                     index, local.missing, data_root(), src.hub)
         spec = {"hub": src.hub, "hub_config": src.hub_config, "split": src.split, **common}
         return ResolvedSource(index, src, f"sources[{index}] (hub {src.hub})", None, None, spec)
     raise FileNotFoundError(
-        f"sources[{index}]: local {missing or '(none given)'} not found (data root: {data_root()}, "
+        f"sources[{index}]: local {local.missing or '(none given)'} not found (data root: {data_root()}, "
         f"cwd: {Path.cwd()}) and no hub dataset configured (hub: {src.hub})"
     )
 
@@ -172,23 +154,12 @@ def load_source(res: ResolvedSource, streaming: bool, cache_dir: Path):
         streaming: stream hub datasets (local files are always read map-style).
         cache_dir: datasets cache for local files (private to one build, deleted with it).
     """
-    import datasets
-
     src = res.source
     if res.files is not None:
-        kwargs: dict[str, Any] = {}
-        if res.format == "text":
-            kwargs["sample_by"] = src.sample_by
-        if res.format == "csv" and all(f.suffix.lower() == ".tsv" for f in res.files):
-            kwargs["sep"] = "\t"
-        return datasets.load_dataset(res.format, data_files=[str(f) for f in res.files], split="train",
-                                     cache_dir=str(cache_dir), **kwargs)
-    try:
-        return datasets.load_dataset(src.hub, src.hub_config, split=src.split, streaming=streaming)
-    except Exception as exc:  # noqa: BLE001 - re-raised naming everything that was tried
-        raise ValueError(f"{res.name}: local {src.local} not found (data root: {data_root()}) and hub dataset "
-                         f"{src.hub!r} (config {src.hub_config!r}, split {src.split!r}) failed to load: "
-                         f"{type(exc).__name__}: {exc}") from exc
+        kwargs = {"sample_by": src.sample_by} if res.format == "text" else {}
+        return load_files(res.files, res.format, cache_dir=str(cache_dir), **kwargs)
+    return load_hub(src.hub, src.hub_config, src.split, res.name,
+                    f"local {src.local} not found (data root: {data_root()})", split_key="split", streaming=streaming)
 
 
 def check_text_column(res: ResolvedSource, columns: list[str] | None) -> None:
@@ -268,16 +239,6 @@ def _diff(old: dict, new: dict) -> list[str]:
     return out
 
 
-def _validate(config: CorpusConfig) -> None:
-    if not config.sources:
-        raise ValueError("corpus config: `sources` is empty; list at least one source")
-    if not 0.0 < config.val_fraction < 1.0:
-        raise ValueError(f"corpus config: val_fraction={config.val_fraction} must be in (0, 1)")
-    for key in ("holdout_block", "shard_tokens", "num_proc", "bpe_vocab_size"):
-        if getattr(config, key) < 1:
-            raise ValueError(f"corpus config: {key}={getattr(config, key)} must be >= 1")
-
-
 def _existing(out_dir: Path, inputs: dict, tok: Any, overwrite: bool) -> dict | None:
     """The manifest when out_dir already holds exactly this corpus; None to (re)build; else an error."""
     from common.tokenizer import tokenizer_fingerprint
@@ -339,7 +300,7 @@ def prepare_corpus(config: CorpusConfig, overwrite: bool = False) -> dict:
     """
     from common.tokenizer import load_tokenizer
 
-    _validate(config)
+    check_config(config)
     # Every input check happens here, before anything is written.
     resolved = [resolve_source(i, s) for i, s in enumerate(config.sources)]
     tok = load_tokenizer(config.tokenizer) if config.tokenizer else None

@@ -167,3 +167,30 @@ def test_unusable_local_and_hub_error_names_both(tmp_path):
     with pytest.raises(ValueError, match=r"no/such/local.txt.*data root.*no-such-hub-dataset-xyz"):
         prepare_corpus(config)  # offline: the hub load fails fast
     assert not (tmp_path / "out").exists()
+
+
+def test_source_options_are_checked_when_built_and_when_parsed(tiny_corpus_files, tmp_path, capsys):
+    from pretrain.prepare import main as prepare_main
+
+    with pytest.raises(ValueError, match=r"CorpusSource.role='vall'; expected one of \('train', 'val'\)"):
+        CorpusSource(local="x.txt", role="vall")
+    with pytest.raises(ValueError, match=r"CorpusSource.sample_by='lines'"):
+        CorpusSource(local="x.txt", sample_by="lines")
+    with pytest.raises(ValueError, match=r"CorpusSource.format='jsonl'; expected one of \('csv', 'json'"):
+        CorpusSource(local="x.txt", format="jsonl")
+    # From a config, the parser refuses the value before anything is prepared.
+    with pytest.raises(SystemExit):
+        prepare_main([f'--sources=[{{"local": "{tiny_corpus_files["txt"]}", "sample_by": "lines"}}]',
+                      "--out_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert "sample_by" in err and "lines" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_format_is_inferred_per_source_and_mixed_files_are_named(tiny_corpus_files, tmp_path):
+    src = CorpusSource(local=[str(tiny_corpus_files["txt"]), str(tiny_corpus_files["jsonl"])])
+    config = CorpusConfig(sources=[CorpusSource(local=str(tiny_corpus_files["txt"])), src],
+                          out_dir=str(tmp_path / "out"), num_proc=1)
+    with pytest.raises(ValueError, match=r"sources\[1\]: cannot infer one format from \['a.txt', 'c.jsonl'\]"):
+        prepare_corpus(config)
+    assert not (tmp_path / "out").exists()
