@@ -9,7 +9,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from common.resumable_loader import ResumableDataLoader
-from pretrain.corpus import CorpusConfig, prepare_corpus
+from pretrain.corpus import CorpusConfig
+from pretrain.prepare import prepare_corpus
 from pretrain.shards import ContiguousBlocks, RandomBlocks, ResumableBlockSampler, TokenStream, load_manifest
 from pretrain.span_corruption import (
     ContiguousSpanCorruptionBlocks,

@@ -10,7 +10,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from common.tokenizer import train_bpe_tokenizer
-from pretrain.corpus import CorpusConfig, CorpusSource, holdout_mask, prepare_corpus
+from pretrain.corpus import CorpusConfig, CorpusSource, holdout_mask
+from pretrain.prepare import prepare_corpus
 from pretrain.shards import TokenStream, shard_dtype
 from tests.conftest import TINY_JSON_DOCS, TINY_TEXT_LINES
 
