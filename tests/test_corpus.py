@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -52,10 +53,13 @@ def test_shards_are_exact_packing_of_documents(built):
     eos = manifest["tokenizer"]["eos_id"]
     assert eos == tok.eos_token_id != manifest["tokenizer"]["pad_id"]
     all_docs, seen = _all_docs(), {}
+    assert manifest["splits"]["train"]["tokens"] > 50  # so shard_tokens=50 puts boundaries inside train
     for split in ("train", "val"):
         info = manifest["splits"][split]
-        assert len(info["files"]) > 1 or split == "val"  # shard_tokens=50 forces boundaries
-        assert all(f["tokens"] <= 50 for f in info["files"])
+        # Shards fill up in order: all but the last hold exactly shard_tokens, the last the remainder.
+        sizes = [f["tokens"] for f in info["files"]]
+        assert len(sizes) == math.ceil(info["tokens"] / 50), (split, sizes)
+        assert sizes[:-1] == [50] * (len(sizes) - 1) and 0 < sizes[-1] <= 50, (split, sizes)
         stream = TokenStream(config.out_dir, split)
         ids = stream.read(0, len(stream))
         assert len(ids) == info["tokens"]
