@@ -17,9 +17,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 class ResumableDataLoader(DataLoader):
     """A DataLoader with ``state_dict`` / ``load_state_dict``, so Lightning treats it as resumable.
 
-    The position inside the epoch is restored by the sampler (see
-    :meth:`PretrainDataModule.train_dataloader`); the state only records what the block sequence
-    depends on, and loading it refuses a checkpoint whose sequence would differ.
+    The position inside the epoch is restored by the sampler (:class:`ResumableSampler`); the state
+    only records what the sample order depends on, and loading it refuses a checkpoint whose order
+    would differ.
     """
 
     def __init__(self, *args: Any, loader_state: dict[str, Any], state_defaults: dict[str, Any] | None = None,
@@ -49,43 +49,85 @@ class ResumableDataLoader(DataLoader):
                              + ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items()))
 
 
-class ResumableShuffleSampler(DistributedSampler):
+class ResumableSampler(DistributedSampler):
+    """Whole batches of per-rank sample indices, in an order fixed by the epoch, resumable mid-epoch.
+
+    Every rank gets ``batches_per_epoch`` batches of ``batch_size`` indices per epoch;
+    ``resume(epoch, batches_done)`` makes the next iteration of that epoch skip the batches already
+    trained on. ``len`` is always the full epoch: Lightning counts the restored batches against it.
+    Subclasses say what an epoch's order is (:meth:`epoch_indices`, a pure function of the
+    settings and ``self.epoch``, so a restarted process recomputes the same one). Subclasses
+    DistributedSampler so Lightning keeps it under DDP instead of wrapping it.
+    """
+
+    def __init__(self, dataset: Any, batch_size: int, batches_per_epoch: int, num_replicas: int = 1,
+                 rank: int = 0, seed: int = 0, shuffle: bool = False) -> None:
+        """Args: the dataset; per-rank batch size; batches per epoch on every rank; world size; this
+        rank; seed and shuffle, kept as DistributedSampler attributes (the order itself comes from epoch_indices)."""
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
+        self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
+        self._resume: tuple[int, int] | None = None
+
+    def epoch_indices(self) -> list[int]:
+        """This rank's ``batches_per_epoch * batch_size`` sample indices for epoch ``self.epoch``, in order."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch * self.batch_size
+
+    def resume(self, epoch: int, batches_done: int) -> None:
+        """Make the next iteration of ``epoch`` skip its first ``batches_done`` batches."""
+        if not 0 <= batches_done <= self.batches_per_epoch:
+            raise ValueError(f"resume: batches_done={batches_done} outside [0, {self.batches_per_epoch}]")
+        # Set the epoch now: Lightning creates the iterator (and prefetches) before calling set_epoch.
+        self.set_epoch(epoch)
+        self._resume = (int(epoch), int(batches_done))
+
+    def resume_from(self, trainer: Any) -> None:
+        """Resume where the checkpoint Lightning restored left off (batch 0 on a fresh fit).
+
+        Capped at the epoch: a checkpoint from other settings (batch size, world size) may have done
+        more batches; the loader's ``load_state_dict`` then refuses it naming the setting, which says
+        more than an out-of-range count would.
+        """
+        epoch, done = batches_done_on_resume(trainer)
+        self.resume(epoch, min(done, self.batches_per_epoch))
+
+    def __iter__(self) -> Iterator[int]:
+        # Decide the start eagerly (not inside a generator) so the resume point is consumed exactly once.
+        start = self._resume[1] if self._resume is not None and self._resume[0] == self.epoch else 0
+        self._resume = None
+        return iter(self.epoch_indices()[start * self.batch_size :])
+
+
+class ResumableShuffleSampler(ResumableSampler):
     """Each epoch a seeded permutation of the dataset, split across ranks, that can resume mid-epoch.
 
     Epoch ``e`` uses ``torch.randperm(n, generator=seed + e)``; rank ``r`` takes positions
     ``r, r + world, ...`` of it, cut to whole batches so every rank runs the same number of steps.
-    Subclasses DistributedSampler so Lightning keeps it under DDP instead of wrapping it.
     """
 
     def __init__(self, dataset: Any, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.batch_size = batch_size
-        self.batches_per_epoch = len(dataset) // (num_replicas * batch_size)
-        if self.batches_per_epoch < 1:
+        batches_per_epoch = len(dataset) // (num_replicas * batch_size)
+        if batches_per_epoch < 1:
             raise ValueError(f"{len(dataset)} training examples are fewer than one batch on every rank "
                              f"({batch_size} x {num_replicas}); lower data.batch_size or use more data")
-        self._resume: tuple[int, int] | None = None
+        super().__init__(dataset, batch_size, batches_per_epoch, num_replicas, rank, seed, shuffle=True)
 
-    def __len__(self) -> int:
-        return self.batches_per_epoch * self.batch_size  # the full epoch, also when resuming
-
-    def resume(self, epoch: int, batches_done: int) -> None:
-        """Make the next iteration of ``epoch`` skip its first ``batches_done`` batches."""
-        self.set_epoch(epoch)
-        self._resume = (int(epoch), min(int(batches_done), self.batches_per_epoch))
-
-    def __iter__(self) -> Iterator[int]:
-        start = self._resume[1] if self._resume is not None and self._resume[0] == self.epoch else 0
-        self._resume = None
+    def epoch_indices(self) -> list[int]:
         order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        mine = order[self.rank :: self.num_replicas][: self.batches_per_epoch * self.batch_size].tolist()
-        return iter(mine[start * self.batch_size :])
+        return order[self.rank :: self.num_replicas][: self.batches_per_epoch * self.batch_size].tolist()
 
 
 def batches_done_on_resume(trainer: Any) -> tuple[int, int]:
-    """(epoch, batches already done in it) for a sampler's ``resume`` when Lightning restored a
-    checkpoint, else (epoch, 0). `processed`, not `completed`: a checkpoint saved in
-    on_train_batch_end holds completed = processed - 1, yet that batch is done."""
+    """(epoch, batches already done in it) when Lightning restored a checkpoint, else (epoch, 0).
+
+    Lightning restores the loop progress before it asks for the train dataloader (fit_loop.setup_data
+    runs while the loops are still ``restarting``). `processed`, not `completed`: a checkpoint saved
+    in on_train_batch_end holds completed = processed - 1 (completed is bumped after the hook), yet
+    that batch is done. When not restarting (a fresh fit, or a reload at a later epoch) the counter
+    is stale or zero, so the epoch starts at batch 0.
+    """
     epoch_loop = trainer.fit_loop.epoch_loop
     done = epoch_loop.batch_progress.current.processed if epoch_loop.restarting else 0
     return trainer.current_epoch, done

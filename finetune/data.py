@@ -35,7 +35,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from common.model_context import position_limit, usable_context
-from common.resumable_loader import ResumableDataLoader, ResumableShuffleSampler, batches_done_on_resume
+from common.resumable_loader import ResumableDataLoader, ResumableShuffleSampler
 from finetune.eval_items import EvalItemBuilder
 from finetune.tasks import TaskConfig, load_split, load_task
 from finetune.train_examples import TrainExamples, TrainStats
@@ -219,7 +219,7 @@ class FinetuneDataModule(LightningDataModule):
         rows = self.train_examples()
         trainer = self.trainer
         sampler = ResumableShuffleSampler(rows, self.batch_size, trainer.world_size, trainer.global_rank, self.seed)
-        sampler.resume(*batches_done_on_resume(trainer))  # exact mid-epoch position after a restart
+        sampler.resume_from(trainer)  # exact mid-epoch position after a restart
         state = {"task": self.task.name, "seed": self.seed, "batch_size": self.batch_size,
                  "world_size": trainer.world_size, "n_train": len(rows)}
         return ResumableDataLoader(rows, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate_train,

@@ -6,68 +6,35 @@ its own small quirks: SQuAD's official JSON is nested (articles → paragraphs �
 flattened here to the hub ``squad`` schema, so one column mapping serves both origins; line-aligned
 parallel text (Multi30k ``train.en`` + ``train.fr``) has no builder in ``datasets``; every other
 format goes through the ``datasets`` builder of that name (cached by ``datasets``, no network).
+Finding the local files and falling back to the hub is shared with corpora (:mod:`common.data_files`).
 """
 
 from __future__ import annotations
 
-import glob as globlib
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from common.data_root import data_root, resolve_local
+from common.data_files import BuilderFormat, find_local, infer_format, load_files, load_hub
+from common.data_root import data_root
 
 if TYPE_CHECKING:
     from finetune.tasks import TaskConfig, TaskSplit
 
 log = logging.getLogger(__name__)
 
-BUILDER_FORMATS = ("csv", "json", "parquet", "text")
-FORMATS = (*BUILDER_FORMATS, "text_parallel", "squad_json", "reverse_sequence")
-_EXT_FORMAT = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
-               ".txt": "text"}
-
-
-def expand_local(entry: str) -> list[Path]:
-    """Files for one local entry (file, directory or glob; absolute or relative to the data root or
-    the working directory), sorted; [] when nothing matches."""
-    if any(c in entry for c in "*?["):
-        root = data_root()
-        bases = [Path()] if Path(entry).is_absolute() else ([root] if root else []) + [Path.cwd()]
-        for base in bases:
-            hits = sorted(Path(p) for p in globlib.glob(str(base / entry), recursive=True) if Path(p).is_file())
-            if hits:
-                return hits
-        return []
-    path = resolve_local(entry)
-    if path is None:
-        return []
-    if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-    return [path]
-
-
-def infer_format(files: list[Path], where: str) -> str:
-    """The builder for ``files`` from their extension (.tsv → csv); error naming ``where`` if ambiguous."""
-    fmts = {_EXT_FORMAT.get(f.suffix.lower()) for f in files}
-    if None in fmts or len(fmts) != 1:
-        raise ValueError(f"{where}: cannot infer one format from {[f.name for f in files]}; set `format` "
-                         f"to one of {FORMATS}")
-    return fmts.pop()
+# The datasets builders, plus the formats read here (reverse_sequence is generated, not read).
+TaskFormat = Literal[BuilderFormat, "text_parallel", "squad_json", "reverse_sequence"]
+FORMATS: tuple[str, ...] = get_args(TaskFormat)
 
 
 def read_builder(files: list[Path], fmt: str, load_kwargs: dict[str, Any], where: str):
     """Rows of ``files`` via the ``datasets`` builder ``fmt`` ("csv", "json", "parquet", "text")."""
-    import datasets
-
-    kwargs = dict(load_kwargs)
-    if fmt == "csv" and all(f.suffix.lower() == ".tsv" for f in files):
-        kwargs.setdefault("delimiter", "\t")
     if any(f.stat().st_size == 0 for f in files):
         raise ValueError(f"{where}: empty file(s) {[str(f) for f in files if f.stat().st_size == 0]}")
     try:
-        return datasets.load_dataset(fmt, data_files=[str(f) for f in files], split="train", **kwargs)
+        return load_files(files, fmt, **load_kwargs)
     except Exception as exc:  # noqa: BLE001 - re-raised naming the files, format and options
         if "corresponds to no data" in str(exc):  # datasets' words for "0 rows" (e.g. a header-only CSV)
             raise ValueError(f"{where}: {[str(f) for f in files]} hold no rows") from None
@@ -129,17 +96,6 @@ def read_squad_json(files: list[Path], where: str):
     return datasets.Dataset.from_dict(rows, features=features)
 
 
-def read_hub(hub: str, hub_config: str | None, hub_split: str, where: str, local_note: str):
-    """``datasets.load_dataset(hub, hub_config, split=hub_split)``; failures name everything tried."""
-    import datasets
-
-    try:
-        return datasets.load_dataset(hub, hub_config, split=hub_split)
-    except Exception as exc:  # noqa: BLE001 - re-raised naming the local copy and the hub dataset
-        raise ValueError(f"{where}: {local_note} and hub dataset {hub!r} (hub_config {hub_config!r}, "
-                         f"hub_split {hub_split!r}) failed to load: {type(exc).__name__}: {exc}") from exc
-
-
 def parse_rows(rows: str, where: str) -> slice:
     """The slice that ``rows`` ("start:stop", as in Python) names; error naming ``where`` otherwise."""
     parts = rows.split(":")
@@ -164,15 +120,12 @@ def read_split(task: TaskConfig, name: str, sp: TaskSplit) -> tuple[Any, str, bo
 
         raw = reverse_sequence_split(sp.generate["n"], sp.generate.get("seed", 0), **task.load_kwargs)
         return raw, f"generated ({sp.generate})", True
-    listed = [sp.local] if isinstance(sp.local, str) else list(sp.local or [])
-    entries = sp.local if isinstance(sp.local, dict) else {e: e for e in listed}
-    expanded = {key: expand_local(e) for key, e in entries.items()}
-    missing = [entries[k] for k, files in expanded.items() if not files]
-    if entries and not missing:
-        files = [f for fs in expanded.values() for f in fs]
+    local = find_local(sp.local)
+    if local.found:
+        files = local.files
         if task.format == "text_parallel":
             by_col = {}
-            for col, fs in expanded.items():
+            for col, fs in local.matched.items():
                 if len(fs) != 1:
                     raise ValueError(f"{where}: text_parallel local.{col} must name one file, matched {fs}")
                 by_col[col] = fs[0]
@@ -180,16 +133,16 @@ def read_split(task: TaskConfig, name: str, sp: TaskSplit) -> tuple[Any, str, bo
         elif task.format == "squad_json":
             raw = read_squad_json(files, where)
         else:
-            fmt = task.format or infer_format(files, where)
+            fmt = task.format or infer_format(files, where, FORMATS)
             raw = read_builder(files, fmt, task.load_kwargs, where)
         if sp.rows is not None:
             raw = raw.select(list(range(len(raw))[parse_rows(sp.rows, f"{where}: rows")]))
         return raw, f"file(s) {[str(f) for f in files]}", True
-    note = (f"local {missing} not found (data root: {data_root()})" if entries
+    note = (f"local {local.missing} not found (data root: {data_root()})" if local.missing
             else "no local copy declared")
     if task.hub and sp.hub_split:
-        if entries:
+        if local.missing:
             log.info("%s: %s; using hub %s", where, note, task.hub)
-        raw = read_hub(task.hub, task.hub_config, sp.hub_split, where, note)
+        raw = load_hub(task.hub, task.hub_config, sp.hub_split, where, note)
         return raw, f"hub dataset {task.hub!r} (hub_config {task.hub_config!r}, hub_split {sp.hub_split!r})", False
     raise FileNotFoundError(f"{where}: {note} and no hub equivalent (hub {task.hub!r}, hub_split {sp.hub_split!r})")

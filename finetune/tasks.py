@@ -105,7 +105,7 @@ class TaskConfig:
     metric: Metric | None = None
     hub: str | None = None
     hub_config: str | None = None
-    format: str | None = None
+    format: sources.TaskFormat | None = None
     load_kwargs: dict[str, Any] = field(default_factory=dict)
     hub_columns: dict[str, str] | None = None
     references: str | list[str] | None = None

@@ -1,38 +1,29 @@
-"""Pre-training corpus: configuration and preparation into token shards (:func:`prepare_corpus`).
+"""Pre-training corpus: its configuration, where each source's documents come from, the holdout.
 
-Sources (local files, else public hub datasets) are read as documents, split into train/val by
-holding out contiguous groups of documents, tokenized (``ids + [eos]`` per document) and packed
-into shards (see :mod:`pretrain.shards`) with a ``manifest.json`` describing them. Outputs are built
-in a temp dir beside ``out_dir`` and renamed into place, so a failed run never damages a good corpus.
-The build pipeline itself (tokenize + write) is :func:`pretrain.prepare.build_corpus`.
+Sources (local files, else public hub datasets; :func:`resolve_source`, :func:`load_source`) are read
+as documents and split into train/val by holding out contiguous groups of documents
+(:func:`holdout_mask`, :func:`stream_documents`). Tokenizing and packing them into shards is
+:func:`pretrain.prepare.prepare_corpus`, which builds on this module (never the other way round).
 """
 
 from __future__ import annotations
 
-import glob as globlib
-import hashlib
-import json
 import logging
 import math
-import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
-from common.data_root import data_root, resolve_local
-from pretrain.shards import MANIFEST, load_manifest
+from common.data_files import BUILDER_FORMATS, BuilderFormat, find_local, infer_format, load_files, load_hub
+from common.data_root import data_root
 
 log = logging.getLogger(__name__)
 
-_EXT_FORMAT = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json",
-               ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
-_FORMATS = ("text", "json", "csv", "parquet")
-_SAMPLE_BY = ("line", "paragraph", "document")
-_ROLES = ("train", "val")
+SampleBy = Literal["line", "paragraph", "document"]
+Role = Literal["train", "val"]
 
 
 @dataclass
@@ -57,10 +48,18 @@ class CorpusSource:
     hub_config: str | None = None
     split: str = "train"
     local: str | list[str] | None = None
-    format: str | None = None
+    format: BuilderFormat | None = None
     text_column: str = "text"
-    sample_by: str = "line"
-    role: str = "train"
+    sample_by: SampleBy = "line"
+    role: Role = "train"
+
+    def __post_init__(self) -> None:
+        # A config file is checked against these Literals by jsonargparse; this catches a
+        # CorpusSource built in Python, before any file is read.
+        for key, allowed in (("format", (*BUILDER_FORMATS, None)), ("sample_by", get_args(SampleBy)),
+                             ("role", get_args(Role))):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"CorpusSource.{key}={getattr(self, key)!r}; expected one of {allowed}")
 
 
 @dataclass
@@ -94,6 +93,17 @@ class CorpusConfig:
     streaming: bool = False
 
 
+def check_config(config: CorpusConfig) -> None:
+    """Raise naming the first setting of ``config`` that cannot give a corpus."""
+    if not config.sources:
+        raise ValueError("corpus config: `sources` is empty; list at least one source")
+    if not 0.0 < config.val_fraction < 1.0:
+        raise ValueError(f"corpus config: val_fraction={config.val_fraction} must be in (0, 1)")
+    for key in ("holdout_block", "shard_tokens", "num_proc", "bpe_vocab_size"):
+        if getattr(config, key) < 1:
+            raise ValueError(f"corpus config: {key}={getattr(config, key)} must be >= 1")
+
+
 @dataclass
 class ResolvedSource:
     """A source after resolution: its name for messages, where it comes from, and its input spec."""
@@ -106,60 +116,26 @@ class ResolvedSource:
     spec: dict[str, Any]
 
 
-def _expand(entry: str) -> list[Path]:
-    """Files for one ``local`` entry (file, directory or glob); [] when nothing matches."""
-    if any(c in entry for c in "*?["):
-        root = data_root()
-        bases = [Path()] if Path(entry).is_absolute() else ([root] if root else []) + [Path.cwd()]
-        for base in bases:
-            hits = sorted(Path(p) for p in globlib.glob(str(base / entry), recursive=True) if Path(p).is_file())
-            if hits:
-                return hits
-        return []
-    path = resolve_local(entry)
-    if path is None:
-        return []
-    if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-    return [path]
-
-
-def _infer_format(index: int, files: list[Path]) -> str:
-    fmts = {_EXT_FORMAT.get(f.suffix.lower()) for f in files}
-    if None in fmts or len(fmts) != 1:
-        raise ValueError(f"sources[{index}]: cannot infer one format from {[f.name for f in files]}; "
-                         f"set format to one of {_FORMATS}")
-    return fmts.pop()
-
-
 def resolve_source(index: int, src: CorpusSource) -> ResolvedSource:
     """Pick local files (when all exist) or the hub for source ``index``; one clear error when neither works."""
-    if src.sample_by not in _SAMPLE_BY:
-        raise ValueError(f"sources[{index}].sample_by={src.sample_by!r}; expected one of {_SAMPLE_BY}")
-    if src.role not in _ROLES:
-        raise ValueError(f"sources[{index}].role={src.role!r}; expected one of {_ROLES}")
-    entries = [src.local] if isinstance(src.local, str) else list(src.local or [])
-    expanded = {e: _expand(e) for e in entries}
-    missing = [e for e, files in expanded.items() if not files]
+    local = find_local(src.local)
     common = {"text_column": src.text_column, "role": src.role}
-    if entries and not missing:
-        files = [f.resolve() for fs in expanded.values() for f in fs]
-        fmt = src.format or _infer_format(index, files)
-        if fmt not in _FORMATS:
-            raise ValueError(f"sources[{index}].format={fmt!r}; expected one of {_FORMATS}")
+    if local.found:
+        files = [f.resolve() for f in local.files]
+        fmt = src.format or infer_format(files, f"sources[{index}]")
         stats = [{"path": str(f), "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files]
         spec = {"files": stats, "format": fmt, **common}
         if fmt == "text":
             spec["sample_by"] = src.sample_by
-        return ResolvedSource(index, src, f"sources[{index}] ({entries[0]})", files, fmt, spec)
+        return ResolvedSource(index, src, f"sources[{index}] ({next(iter(local.matched))})", files, fmt, spec)
     if src.hub:
-        if missing:
+        if local.missing:
             log.info("sources[%d]: local %s not found (data root %s); using hub %s",
-                     index, missing, data_root(), src.hub)
+                     index, local.missing, data_root(), src.hub)
         spec = {"hub": src.hub, "hub_config": src.hub_config, "split": src.split, **common}
         return ResolvedSource(index, src, f"sources[{index}] (hub {src.hub})", None, None, spec)
     raise FileNotFoundError(
-        f"sources[{index}]: local {missing or '(none given)'} not found (data root: {data_root()}, "
+        f"sources[{index}]: local {local.missing or '(none given)'} not found (data root: {data_root()}, "
         f"cwd: {Path.cwd()}) and no hub dataset configured (hub: {src.hub})"
     )
 
@@ -172,23 +148,12 @@ def load_source(res: ResolvedSource, streaming: bool, cache_dir: Path):
         streaming: stream hub datasets (local files are always read map-style).
         cache_dir: datasets cache for local files (private to one build, deleted with it).
     """
-    import datasets
-
     src = res.source
     if res.files is not None:
-        kwargs: dict[str, Any] = {}
-        if res.format == "text":
-            kwargs["sample_by"] = src.sample_by
-        if res.format == "csv" and all(f.suffix.lower() == ".tsv" for f in res.files):
-            kwargs["sep"] = "\t"
-        return datasets.load_dataset(res.format, data_files=[str(f) for f in res.files], split="train",
-                                     cache_dir=str(cache_dir), **kwargs)
-    try:
-        return datasets.load_dataset(src.hub, src.hub_config, split=src.split, streaming=streaming)
-    except Exception as exc:  # noqa: BLE001 - re-raised naming everything that was tried
-        raise ValueError(f"{res.name}: local {src.local} not found (data root: {data_root()}) and hub dataset "
-                         f"{src.hub!r} (config {src.hub_config!r}, split {src.split!r}) failed to load: "
-                         f"{type(exc).__name__}: {exc}") from exc
+        kwargs = {"sample_by": src.sample_by} if res.format == "text" else {}
+        return load_files(res.files, res.format, cache_dir=str(cache_dir), **kwargs)
+    return load_hub(src.hub, src.hub_config, src.split, res.name,
+                    f"local {src.local} not found (data root: {data_root()})", split_key="split", streaming=streaming)
 
 
 def check_text_column(res: ResolvedSource, columns: list[str] | None) -> None:
@@ -244,126 +209,3 @@ def stream_documents(ds, res: ResolvedSource, config: CorpusConfig, has_val_sour
             yield "val", text
         else:
             yield ("val" if is_val and not has_val_source else "train"), text
-
-
-def _inputs(config: CorpusConfig, resolved: list[ResolvedSource]) -> dict[str, Any]:
-    """Everything that determines the output; its digest decides whether a rebuild is needed."""
-    return {"sources": [r.spec for r in resolved], "val_fraction": config.val_fraction,
-            "holdout_block": config.holdout_block, "seed": config.seed, "tokenizer": config.tokenizer,
-            "bpe_vocab_size": config.bpe_vocab_size if config.tokenizer is None else None,
-            "shard_tokens": config.shard_tokens}
-
-
-def digest(obj: Any) -> str:
-    """Short sha256 of a JSON-able object (key order independent)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _diff(old: dict, new: dict) -> list[str]:
-    out = []
-    for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
-            a, b = json.dumps(old.get(key))[:200], json.dumps(new.get(key))[:200]
-            out.append(f"{key}: built with {a}, configured {b}")
-    return out
-
-
-def _validate(config: CorpusConfig) -> None:
-    if not config.sources:
-        raise ValueError("corpus config: `sources` is empty; list at least one source")
-    if not 0.0 < config.val_fraction < 1.0:
-        raise ValueError(f"corpus config: val_fraction={config.val_fraction} must be in (0, 1)")
-    for key in ("holdout_block", "shard_tokens", "num_proc", "bpe_vocab_size"):
-        if getattr(config, key) < 1:
-            raise ValueError(f"corpus config: {key}={getattr(config, key)} must be >= 1")
-
-
-def _existing(out_dir: Path, inputs: dict, tok: Any, overwrite: bool) -> dict | None:
-    """The manifest when out_dir already holds exactly this corpus; None to (re)build; else an error."""
-    from common.tokenizer import tokenizer_fingerprint
-
-    if not out_dir.exists():
-        return None
-    if not (out_dir / MANIFEST).exists():
-        if any(out_dir.iterdir()) and not overwrite:
-            raise FileExistsError(f"out_dir {out_dir} is not empty and has no {MANIFEST}; refusing to replace "
-                                  "it (pass overwrite=True / --overwrite true, or choose another out_dir)")
-        return None
-    try:
-        manifest = load_manifest(out_dir)
-    except ValueError as exc:
-        if overwrite:
-            return None
-        raise ValueError(f"{exc} (out_dir {out_dir}; pass overwrite=True to rebuild)") from exc
-    same = manifest["inputs"]["fingerprint"] == digest(inputs)
-    problems = [] if same else _diff(manifest["inputs"]["spec"], inputs)
-    built = manifest["tokenizer"]["fingerprint"]
-    if tok is not None and built != tokenizer_fingerprint(tok):
-        problems.append(f"tokenizer: built with tokenizer fingerprint {built} ({manifest['tokenizer']['name_or_path']}"
-                        f"), configured tokenizer gives {tokenizer_fingerprint(tok)}")
-    if problems and not overwrite:
-        raise ValueError(f"out_dir {out_dir} holds a corpus built from other inputs:\n  " + "\n  ".join(problems)
-                         + "\npass overwrite=True (--overwrite true) to replace it, or choose another out_dir")
-    if problems:
-        log.info("overwriting %s (%d input difference(s))", out_dir, len(problems))
-        return None
-    itemsize = np.dtype(manifest["dtype"]).itemsize
-    broken = [f["name"] for s in manifest["splits"].values() for f in s["files"]
-              if not (out_dir / f["name"]).is_file() or (out_dir / f["name"]).stat().st_size != f["tokens"] * itemsize]
-    if broken or not (out_dir / "tokenizer").is_dir():
-        log.warning("%s: manifest matches but outputs are incomplete (%s); rebuilding", out_dir, broken or "tokenizer/")
-        return None
-    return manifest
-
-
-def _swap(tmp: Path, out_dir: Path) -> None:
-    """Replace out_dir by tmp with renames (the old corpus survives until the new one is complete)."""
-    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-    if out_dir.exists():
-        out_dir.rename(old)
-    try:
-        tmp.rename(out_dir)
-    except OSError:
-        if old.exists():
-            old.rename(out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def prepare_corpus(config: CorpusConfig, overwrite: bool = False) -> dict:
-    """Build (or reuse) the token shards of ``config`` in ``config.out_dir``; returns the manifest.
-
-    Args:
-        config: the corpus description.
-        overwrite: replace an out_dir built from other inputs (else that is an error).
-    """
-    from common.tokenizer import load_tokenizer
-
-    _validate(config)
-    # Every input check happens here, before anything is written.
-    resolved = [resolve_source(i, s) for i, s in enumerate(config.sources)]
-    tok = load_tokenizer(config.tokenizer) if config.tokenizer else None
-    inputs = _inputs(config, resolved)
-    out_dir = Path(config.out_dir)
-    manifest = _existing(out_dir, inputs, tok, overwrite)
-    if manifest is not None:
-        log.info("corpus %s is up to date", out_dir)
-        return manifest
-    if config.num_proc > 1:
-        # Parallelism comes from processes; Rust threads in forked workers would only warn/deadlock.
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.building-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        # The build pipeline lives in pretrain.prepare (imported here: it imports this module).
-        from pretrain.prepare import build_corpus
-
-        manifest = build_corpus(config, resolved, tok, inputs, tmp)
-        shutil.rmtree(tmp / ".hf_cache", ignore_errors=True)
-        _swap(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest

@@ -9,7 +9,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from common.resumable_loader import ResumableDataLoader
-from pretrain.corpus import CorpusConfig, prepare_corpus
+from pretrain.corpus import CorpusConfig
+from pretrain.prepare import prepare_corpus
 from pretrain.shards import ContiguousBlocks, RandomBlocks, ResumableBlockSampler, TokenStream, load_manifest
 from pretrain.span_corruption import (
     ContiguousSpanCorruptionBlocks,
@@ -147,16 +148,7 @@ class PretrainDataModule(L.LightningDataModule):
             dataset = RandomBlocks(self._stream("train"), self.block_size, seed=self.seed)
         sampler = ResumableBlockSampler(dataset, self.batch_size, num_replicas=world, rank=rank, seed=self.seed)
         if trainer is not None:
-            # On resume Lightning restores the loop progress before it calls this (fit_loop.setup_data
-            # runs while the loops are still `restarting`). `processed`, not `completed`: a checkpoint
-            # saved in on_train_batch_end holds completed = processed - 1 (completed is bumped after
-            # the hook), yet that batch is done. The sampler then yields only the remaining batches,
-            # while len() stays the full epoch because Lightning counts restored batches against it.
-            # When not restarting (fresh fit, or a reload at a later epoch) the progress counter is
-            # stale or zero, so the epoch starts at batch 0.
-            epoch_loop = trainer.fit_loop.epoch_loop
-            done = epoch_loop.batch_progress.current.processed if epoch_loop.restarting else 0
-            sampler.resume(trainer.current_epoch, min(done, sampler.batches_per_epoch))
+            sampler.resume_from(trainer)  # exact mid-epoch position after a restart
         state = {"seed": self.seed, "block_size": self.block_size, "batch_size": self.batch_size,
                  "world_size": world, "corpus": self.manifest["inputs"]["fingerprint"], "objective": self.objective}
         if self.objective == "span_corruption":

@@ -1,15 +1,21 @@
-"""Tokenize a corpus into shards: the build pipeline and the ``python -m pretrain.prepare`` CLI.
+"""Tokenize a corpus into shards: :func:`prepare_corpus`, its build pipeline, and the CLI.
 
     python -m pretrain.prepare --config configs/data/tiny_corpus.yaml [--overwrite true]
 
-:func:`pretrain.corpus.prepare_corpus` checks inputs and idempotence, then calls
-:func:`build_corpus` on an empty temp dir that it moves into place afterwards.
+:func:`prepare_corpus` checks the inputs (resolved by :mod:`pretrain.corpus`) and whether out_dir
+already holds this corpus, then :func:`build_corpus` loads, splits, tokenizes and packs the
+documents into shards (see :mod:`pretrain.shards`) with a ``manifest.json`` describing them. Outputs
+are built in a temp dir beside ``out_dir`` and renamed into place, so a failed run never damages a
+good corpus.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import fields
@@ -22,20 +28,132 @@ from tqdm.auto import tqdm
 from pretrain.corpus import (
     CorpusConfig,
     ResolvedSource,
+    check_config,
     check_text_column,
-    digest,
     ensure_both_splits,
     holdout_mask,
     load_source,
-    prepare_corpus,
+    resolve_source,
     stream_documents,
 )
-from pretrain.shards import FORMAT_VERSION, MANIFEST, SPLITS, ShardWriter, shard_dtype
+from pretrain.shards import FORMAT_VERSION, MANIFEST, SPLITS, ShardWriter, load_manifest, shard_dtype
 
 log = logging.getLogger(__name__)
 
 _BATCH = 1000  # documents per tokenizer call / per write
 
+
+def _inputs(config: CorpusConfig, resolved: list[ResolvedSource]) -> dict[str, Any]:
+    """Everything that determines the output; its digest decides whether a rebuild is needed."""
+    return {"sources": [r.spec for r in resolved], "val_fraction": config.val_fraction,
+            "holdout_block": config.holdout_block, "seed": config.seed, "tokenizer": config.tokenizer,
+            "bpe_vocab_size": config.bpe_vocab_size if config.tokenizer is None else None,
+            "shard_tokens": config.shard_tokens}
+
+
+def digest(obj: Any) -> str:
+    """Short sha256 of a JSON-able object (key order independent)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _diff(old: dict, new: dict) -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            a, b = json.dumps(old.get(key))[:200], json.dumps(new.get(key))[:200]
+            out.append(f"{key}: built with {a}, configured {b}")
+    return out
+
+
+def _existing(out_dir: Path, inputs: dict, tok: Any, overwrite: bool) -> dict | None:
+    """The manifest when out_dir already holds exactly this corpus; None to (re)build; else an error."""
+    from common.tokenizer import tokenizer_fingerprint
+
+    if not out_dir.exists():
+        return None
+    if not (out_dir / MANIFEST).exists():
+        if any(out_dir.iterdir()) and not overwrite:
+            raise FileExistsError(f"out_dir {out_dir} is not empty and has no {MANIFEST}; refusing to replace "
+                                  "it (pass overwrite=True / --overwrite true, or choose another out_dir)")
+        return None
+    try:
+        manifest = load_manifest(out_dir)
+    except ValueError as exc:
+        if overwrite:
+            return None
+        raise ValueError(f"{exc} (out_dir {out_dir}; pass overwrite=True to rebuild)") from exc
+    same = manifest["inputs"]["fingerprint"] == digest(inputs)
+    problems = [] if same else _diff(manifest["inputs"]["spec"], inputs)
+    built = manifest["tokenizer"]["fingerprint"]
+    if tok is not None and built != tokenizer_fingerprint(tok):
+        problems.append(f"tokenizer: built with tokenizer fingerprint {built} ({manifest['tokenizer']['name_or_path']}"
+                        f"), configured tokenizer gives {tokenizer_fingerprint(tok)}")
+    if problems and not overwrite:
+        raise ValueError(f"out_dir {out_dir} holds a corpus built from other inputs:\n  " + "\n  ".join(problems)
+                         + "\npass overwrite=True (--overwrite true) to replace it, or choose another out_dir")
+    if problems:
+        log.info("overwriting %s (%d input difference(s))", out_dir, len(problems))
+        return None
+    itemsize = np.dtype(manifest["dtype"]).itemsize
+    broken = [f["name"] for s in manifest["splits"].values() for f in s["files"]
+              if not (out_dir / f["name"]).is_file() or (out_dir / f["name"]).stat().st_size != f["tokens"] * itemsize]
+    if broken or not (out_dir / "tokenizer").is_dir():
+        log.warning("%s: manifest matches but outputs are incomplete (%s); rebuilding", out_dir, broken or "tokenizer/")
+        return None
+    return manifest
+
+
+def _swap(tmp: Path, out_dir: Path) -> None:
+    """Replace out_dir by tmp with renames (the old corpus survives until the new one is complete)."""
+    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    if out_dir.exists():
+        out_dir.rename(old)
+    try:
+        tmp.rename(out_dir)
+    except OSError:
+        if old.exists():
+            old.rename(out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def prepare_corpus(config: CorpusConfig, overwrite: bool = False) -> dict:
+    """Build (or reuse) the token shards of ``config`` in ``config.out_dir``; returns the manifest.
+
+    Args:
+        config: the corpus description.
+        overwrite: replace an out_dir built from other inputs (else that is an error).
+    """
+    from common.tokenizer import load_tokenizer
+
+    check_config(config)
+    # Every input check happens here, before anything is written.
+    resolved = [resolve_source(i, s) for i, s in enumerate(config.sources)]
+    tok = load_tokenizer(config.tokenizer) if config.tokenizer else None
+    inputs = _inputs(config, resolved)
+    out_dir = Path(config.out_dir)
+    manifest = _existing(out_dir, inputs, tok, overwrite)
+    if manifest is not None:
+        log.info("corpus %s is up to date", out_dir)
+        return manifest
+    if config.num_proc > 1:
+        # Parallelism comes from processes; Rust threads in forked workers would only warn/deadlock.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.building-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        manifest = build_corpus(config, resolved, tok, inputs, tmp)
+        shutil.rmtree(tmp / ".hf_cache", ignore_errors=True)
+        _swap(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+# -- the build pipeline ----------------------------------------------------------------------------
 
 class _Encode:
     """Batched ``map`` function: non-empty documents → ``ids + [eos]`` (picklable for num_proc)."""
@@ -72,7 +190,7 @@ def _procs(num_proc: int, n_rows: int) -> int | None:
 def build_corpus(config: CorpusConfig, resolved: list[ResolvedSource], tok: Any, inputs: dict, tmp: Path) -> dict:
     """Load, split, (train the tokenizer,) tokenize and shard into ``tmp``; returns the manifest.
 
-    Called by :func:`pretrain.corpus.prepare_corpus`, which checks inputs and moves ``tmp`` into place.
+    Called by :func:`prepare_corpus`, which checks inputs and moves ``tmp`` into place.
 
     Args:
         config: the corpus description.

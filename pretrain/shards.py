@@ -16,7 +16,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import Dataset
+
+from common.resumable_loader import ResumableSampler
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -202,46 +204,30 @@ class ContiguousBlocks(Dataset):
         return _item(self.stream.read(i * self.block_size, self.block_size + 1))
 
 
-class ResumableBlockSampler(DistributedSampler):
+class ResumableBlockSampler(ResumableSampler):
     """Per-rank block indices for :class:`RandomBlocks` that can resume mid-epoch exactly.
 
-    Subclasses DistributedSampler so Lightning keeps it under DDP instead of wrapping it. Per epoch
-    each rank gets ``L = max(1, tokens // (T * B * world))`` batches; batch ``b`` on rank ``r`` is
-    sample indices ``(b * world + r) * B + j`` for ``j < B``, so ranks never share a block.
+    Per epoch each rank gets ``L = max(1, tokens // (T * B * world))`` batches; batch ``b`` on rank
+    ``r`` is sample indices ``(b * world + r) * B + j`` for ``j < B``, so ranks never share a block.
+    The indices are the same every epoch: what changes is the blocks they name, because the
+    dataset's offsets follow the epoch (set_epoch is passed on to it).
     """
 
     def __init__(self, dataset: RandomBlocks, batch_size: int, num_replicas: int = 1, rank: int = 0,
                  seed: int = 0) -> None:
         """Args: the block dataset; per-rank batch size (B); world size; this rank; kept for DistributedSampler."""
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, seed=seed)
-        self.batch_size = batch_size
         tokens_per_step = dataset.block_size * batch_size * num_replicas
-        self.batches_per_epoch = max(1, len(dataset.stream) // tokens_per_step)
-        self._resume: tuple[int, int] | None = None
-
-    def __len__(self) -> int:
-        # Always the full epoch, also when resuming: Lightning counts the restored batches against it.
-        return self.batches_per_epoch * self.batch_size
+        super().__init__(dataset, batch_size, max(1, len(dataset.stream) // tokens_per_step), num_replicas, rank,
+                         seed)
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch (Lightning calls this); the dataset's block offsets follow it."""
+        """Select the epoch (Lightning calls this, and so does resume); the dataset's block offsets follow it."""
         super().set_epoch(epoch)
         self.dataset.set_epoch(epoch)
 
-    def resume(self, epoch: int, batches_done: int) -> None:
-        """Make the next iteration of ``epoch`` skip its first ``batches_done`` batches."""
-        if not 0 <= batches_done <= self.batches_per_epoch:
-            raise ValueError(f"resume: batches_done={batches_done} outside [0, {self.batches_per_epoch}]")
-        # Set the epoch now: Lightning creates the iterator (and prefetches) before calling set_epoch.
-        self.set_epoch(epoch)
-        self._resume = (int(epoch), int(batches_done))
-
-    def __iter__(self):
-        # Decide the start eagerly (not inside a generator) so the resume point is consumed exactly once.
-        start = self._resume[1] if self._resume is not None and self._resume[0] == self.epoch else 0
-        self._resume = None
+    def epoch_indices(self) -> list[int]:
         world, rank, bsz = self.num_replicas, self.rank, self.batch_size
-        return iter([(b * world + rank) * bsz + j for b in range(start, self.batches_per_epoch) for j in range(bsz)])
+        return [(b * world + rank) * bsz + j for b in range(self.batches_per_epoch) for j in range(bsz)]
 
 
 def _bincount(stream: TokenStream, minlength: int, chunk: int = 1 << 24) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from common.tokenizer import train_bpe_tokenizer
-from pretrain.corpus import CorpusConfig, CorpusSource, holdout_mask, prepare_corpus
+from pretrain.corpus import CorpusConfig, CorpusSource, holdout_mask
+from pretrain.prepare import prepare_corpus
 from pretrain.shards import TokenStream, shard_dtype
 from tests.conftest import TINY_JSON_DOCS, TINY_TEXT_LINES
 
@@ -51,10 +53,13 @@ def test_shards_are_exact_packing_of_documents(built):
     eos = manifest["tokenizer"]["eos_id"]
     assert eos == tok.eos_token_id != manifest["tokenizer"]["pad_id"]
     all_docs, seen = _all_docs(), {}
+    assert manifest["splits"]["train"]["tokens"] > 50  # so shard_tokens=50 puts boundaries inside train
     for split in ("train", "val"):
         info = manifest["splits"][split]
-        assert len(info["files"]) > 1 or split == "val"  # shard_tokens=50 forces boundaries
-        assert all(f["tokens"] <= 50 for f in info["files"])
+        # Shards fill up in order: all but the last hold exactly shard_tokens, the last the remainder.
+        sizes = [f["tokens"] for f in info["files"]]
+        assert len(sizes) == math.ceil(info["tokens"] / 50), (split, sizes)
+        assert sizes[:-1] == [50] * (len(sizes) - 1) and 0 < sizes[-1] <= 50, (split, sizes)
         stream = TokenStream(config.out_dir, split)
         ids = stream.read(0, len(stream))
         assert len(ids) == info["tokens"]
@@ -166,4 +171,31 @@ def test_unusable_local_and_hub_error_names_both(tmp_path):
     config = CorpusConfig(sources=[src], out_dir=str(tmp_path / "out"), num_proc=1)
     with pytest.raises(ValueError, match=r"no/such/local.txt.*data root.*no-such-hub-dataset-xyz"):
         prepare_corpus(config)  # offline: the hub load fails fast
+    assert not (tmp_path / "out").exists()
+
+
+def test_source_options_are_checked_when_built_and_when_parsed(tiny_corpus_files, tmp_path, capsys):
+    from pretrain.prepare import main as prepare_main
+
+    with pytest.raises(ValueError, match=r"CorpusSource.role='vall'; expected one of \('train', 'val'\)"):
+        CorpusSource(local="x.txt", role="vall")
+    with pytest.raises(ValueError, match=r"CorpusSource.sample_by='lines'"):
+        CorpusSource(local="x.txt", sample_by="lines")
+    with pytest.raises(ValueError, match=r"CorpusSource.format='jsonl'; expected one of \('csv', 'json'"):
+        CorpusSource(local="x.txt", format="jsonl")
+    # From a config, the parser refuses the value before anything is prepared.
+    with pytest.raises(SystemExit):
+        prepare_main([f'--sources=[{{"local": "{tiny_corpus_files["txt"]}", "sample_by": "lines"}}]',
+                      "--out_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert "sample_by" in err and "lines" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_format_is_inferred_per_source_and_mixed_files_are_named(tiny_corpus_files, tmp_path):
+    src = CorpusSource(local=[str(tiny_corpus_files["txt"]), str(tiny_corpus_files["jsonl"])])
+    config = CorpusConfig(sources=[CorpusSource(local=str(tiny_corpus_files["txt"])), src],
+                          out_dir=str(tmp_path / "out"), num_proc=1)
+    with pytest.raises(ValueError, match=r"sources\[1\]: cannot infer one format from \['a.txt', 'c.jsonl'\]"):
+        prepare_corpus(config)
     assert not (tmp_path / "out").exists()

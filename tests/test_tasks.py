@@ -14,6 +14,7 @@ from finetune.tasks import TASKS_DIR, TaskConfig, load_split, load_task, task_fr
 
 SHIPPED = sorted(TASKS_DIR.glob("*.yaml"))
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "tasks"
+NO_HUB_COPY = {"multi30k_en_fr", "multi30k_fr_en"}  # the hub's Multi30k has no French
 
 
 def _local_splits(task: TaskConfig) -> list[str]:
@@ -39,8 +40,14 @@ def test_shipped_task_parses(path: Path) -> None:
     for split in pool if isinstance(pool, dict) else [s for s in task.splits if s != pool]:
         assert task.few_shot_split_for(split) in task.splits
         assert task.few_shot_split_for(split) != split, "demonstrations must not come from the evaluated split"
-    # Every real dataset names a hub copy, except Multi30k French; `reverse` is generated.
-    assert task.hub or "fr" in (task.source_lang, task.target_lang) or task.format == "reverse_sequence"
+    if task.name == "reverse":  # generated: no files, no hub
+        assert task.format == "reverse_sequence" and task.hub is None
+        assert all(sp.generate and sp.local is None and sp.hub_split is None for sp in task.splits.values())
+    elif task.name in NO_HUB_COPY:  # local only: every split must have its local copy
+        assert task.hub is None
+        assert all(sp.local is not None and sp.hub_split is None for sp in task.splits.values())
+    else:  # every other real dataset names its hub copy and uses it for some split
+        assert task.hub and any(sp.hub_split for sp in task.splits.values())
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
