@@ -11,8 +11,8 @@ Shipped tasks live in ``configs/tasks/<name>.yaml`` and load by bare name (``loa
 to add your own, write a YAML file and pass its path. Schema (every key of :class:`TaskConfig`)::
 
     name: my_task                     # required
-    kind: summarization               # required: translation | summarization | qa
-    metric: rouge                     # bleu_chrf | rouge | squad (default: from kind)
+    type: summarization               # required: translation | summarization | qa
+    metric: rouge                     # bleu_chrf | rouge | squad (default: from type)
     hub: knkarthick/samsum            # hub dataset used when the local copy is missing (optional)
     hub_config: null
     format: json                      # local files: csv (TSV: load_kwargs.delimiter "\\t") | json (jsonl)
@@ -61,7 +61,7 @@ from finetune import task_sources as sources
 log = logging.getLogger(__name__)
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "configs" / "tasks"
-Kind = Literal["translation", "summarization", "qa"]
+TaskType = Literal["translation", "summarization", "qa"]  # `kind` is the model's: decoder | encoder_decoder
 Metric = Literal["bleu_chrf", "rouge", "squad"]
 DEFAULT_METRIC = {"translation": "bleu_chrf", "summarization": "rouge", "qa": "squad"}
 MODEL_KINDS = ("decoder", "encoder_decoder")
@@ -99,7 +99,7 @@ class TaskConfig:
     the module docstring)."""
 
     name: str
-    kind: Kind
+    type: TaskType
     splits: dict[str, TaskSplit]
     columns: dict[str, str]
     metric: Metric | None = None
@@ -119,8 +119,8 @@ class TaskConfig:
     templates: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.metric is None and self.kind in DEFAULT_METRIC:
-            self.metric = DEFAULT_METRIC[self.kind]  # type: ignore[assignment]
+        if self.metric is None and self.type in DEFAULT_METRIC:
+            self.metric = DEFAULT_METRIC[self.type]  # type: ignore[assignment]
         if self.long_field is None and isinstance(self.extra_fields, list):
             self.long_field = "context" if "context" in self.extra_fields else "source"
         _validate(self)
@@ -150,7 +150,7 @@ class TaskConfig:
         return pool
 
     def template(self, kind: str):
-        """The :class:`finetune.prompts.PromptTemplate` for model family ``kind`` ("decoder" | "encoder_decoder")."""
+        """The :class:`finetune.prompts.PromptTemplate` for the model kind ``kind`` ("decoder" | "encoder_decoder")."""
         from finetune.prompts import PromptTemplate
 
         if kind not in self.templates:
@@ -170,8 +170,8 @@ def _validate(task: TaskConfig) -> None:
         if not isinstance(getattr(task, key), expected):
             raise ValueError(f"{where}: {key} must be a {'list' if expected is list else 'mapping'}, "
                              f"got {getattr(task, key)!r}")
-    if task.kind not in get_args(Kind):
-        raise ValueError(f"{where}: kind={task.kind!r}; expected one of {get_args(Kind)}")
+    if task.type not in get_args(TaskType):
+        raise ValueError(f"{where}: type={task.type!r}; expected one of {get_args(TaskType)}")
     if task.metric not in get_args(Metric):
         raise ValueError(f"{where}: metric={task.metric!r}; expected one of {get_args(Metric)}")
     if task.format is not None and task.format not in sources.FORMATS:
@@ -253,6 +253,9 @@ def task_from_dict(data: dict[str, Any], origin: str = "<dict>") -> TaskConfig:
     if not isinstance(data, dict):
         raise ValueError(f"{origin}: a task file must be a YAML mapping, got {type(data).__name__}")
     data = dict(data)
+    if "kind" in data and "type" not in data:  # task files from before the rename
+        raise ValueError(f"{origin}: the task key `kind` is now `type` (translation | summarization | qa); "
+                         "`kind` names a model's: decoder | encoder_decoder")
     splits = data.get("splits")
     if isinstance(splits, dict):
         data["splits"] = {name: _build(TaskSplit, sp or {}, f"{origin}: splits.{name}") for name, sp in splits.items()}

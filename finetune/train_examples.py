@@ -80,7 +80,7 @@ class TrainExamples(Dataset):
         self._fitted: dict[int, dict[str, list[int]]] = {}
         over = [i for i in range(len(rows)) if len(self._prompt_ids[i]) > self._budget(i)]
         self.stats.n_truncated = len(over)
-        if task.kind == "qa":  # the answer is kept iff its own words fit (the narrowest window)
+        if task.type == "qa":  # the answer is kept iff its own words fit (the narrowest window)
             kept = sum(self._answer_fits(i) for i in over)
             self.stats.n_answer_kept, self.stats.n_answer_lost = kept, len(over) - kept
 
@@ -118,7 +118,7 @@ class TrainExamples(Dataset):
                                          f"data.max_length={self.max_length} tokens; raise data.max_length")
                     target = target[: self.max_length - floor - 1] + [eos]
                     budget = self.max_length - len(target)
-            answer = answer_span(row[field], row["target"]) if self.task.kind == "qa" else None
+            answer = answer_span(row[field], row["target"]) if self.task.type == "qa" else None
             fitted = fit_long_field(self.template.render_prompt, row, self._count, budget, field, answer)
             ids = self.tokenizer(fitted.text, add_special_tokens=True)["input_ids"]
         if self.kind == "decoder":

@@ -156,7 +156,7 @@ def test_evaluate_scores_the_whole_split_by_default_and_says_n_of_n(tmp_path: Pa
 def test_normalised_duplicates_are_never_demonstrations_and_are_reported() -> None:
     assert normalize_text("Hello,  World!\n") == normalize_text("hello world") == normalize_text("HELLO-WORLD")
     assert normalize_text("été") != normalize_text("ete")  # letters are letters: accents are kept
-    task = task_from_dict({"name": "t", "kind": "translation", "splits": {"train": {"local": "x"}, "test": {"local": "y"}},
+    task = task_from_dict({"name": "t", "type": "translation", "splits": {"train": {"local": "x"}, "test": {"local": "y"}},
                            "columns": {"source": "s", "target": "t"},
                            "templates": {"decoder": {"prompt": "{{ source }} =>"}}})
     train = [{"id": f"train_{i}", "source": f"Sentence number {i}.", "target": f"t{i}", "references": [f"t{i}"]}

@@ -195,9 +195,13 @@ def test_unknown_and_missing_yaml_keys(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"splits.train: unknown key\(s\) \['hubsplit'\]"):
         load_task(bad)
     data = _fixture_dict()
-    del data["kind"]
+    del data["type"]
     bad.write_text(yaml.safe_dump(data))
-    with pytest.raises(ValueError, match=r"bad.yaml: missing required key\(s\) \['kind'\]"):
+    with pytest.raises(ValueError, match=r"bad.yaml: missing required key\(s\) \['type'\]"):
+        load_task(bad)
+    data["kind"] = "qa"  # the key's name before it was told apart from the model's kind
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises(ValueError, match=r"bad.yaml: the task key `kind` is now `type`"):
         load_task(bad)
     with pytest.raises(ValueError, match=r"metric='bleu'"):
         task_from_dict(_fixture_dict(metric="bleu"))
