@@ -1,7 +1,7 @@
 """`python -m finetune compare --config configs/compare/translation_en_fr.yaml`: RNN baselines vs a
 transformer, trained from scratch on one task under the same step budget, then compared.
 
-Each model is an entry of ``models`` (an HF config for ``--model.scratch``: our RNN without
+Each model is an entry of ``models`` (an architecture as ``--model.scratch`` takes it: our RNN without
 attention, with Bahdanau or Luong attention, and a transformer encoder-decoder of similar size).
 All share one tokenizer (a BPE trained once on the task's train split), the same data order,
 batch size and number of optimizer steps; wall time is reported next to the scores. Every model
@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.archs import GPT2Arch, T5Arch
 from finetune.metrics import compute_metrics
+from finetune.rnn.arch import RNNArch
 from finetune.significance import confidence_intervals, format_interval, paired_test
 
 
@@ -31,7 +33,8 @@ class CompareConfig:
 
     Args:
         task: Task name or YAML (a translation task: BLEU/chrF).
-        models: name -> HF config of a model trained from scratch (``model_type`` + options).
+        models: name -> the architecture of a model trained from scratch, as ``--model.scratch``
+            takes it (``model_type`` rnn_seq2seq, t5 or gpt2, plus options; checked when parsed).
         learning_rates: name -> peak LR (default ``lr``): RNNs and transformers want different ones.
         lr: Default peak learning rate.
         warmup_steps: Linear warmup steps (all models).
@@ -48,7 +51,7 @@ class CompareConfig:
     """
 
     task: str
-    models: dict[str, dict[str, Any]]
+    models: dict[str, GPT2Arch | T5Arch | RNNArch]
     learning_rates: dict[str, float] = field(default_factory=dict)
     lr: float = 1e-3
     warmup_steps: int = 200
@@ -63,6 +66,14 @@ class CompareConfig:
     max_new_tokens: int = 48
     out_dir: str = "runs/compare"
 
+    def __post_init__(self) -> None:
+        from finetune.pretrained import scratch_arch
+
+        self.models = {name: scratch_arch(arch) for name, arch in self.models.items()}  # dicts from Python
+        unknown = sorted(set(self.learning_rates) - set(self.models))
+        if unknown:
+            raise ValueError(f"learning_rates names no model: {unknown}; models are {sorted(self.models)}")
+
 
 def _common_args(cfg: CompareConfig, run_dir: Path) -> list[str]:
     return ["--data.task", cfg.task, "--model.max_new_tokens", str(cfg.max_new_tokens),
@@ -70,13 +81,14 @@ def _common_args(cfg: CompareConfig, run_dir: Path) -> list[str]:
             "--attention_plots.n_examples", "0"]
 
 
-def train_and_score(cfg: CompareConfig, name: str, scratch: dict[str, Any], tokenizer: str | None) -> dict[str, Any]:
+def train_and_score(cfg: CompareConfig, name: str, arch: GPT2Arch | T5Arch | RNNArch,
+                    tokenizer: str | None) -> dict[str, Any]:
     """Fine-tune model ``name`` from scratch within the budget and score it on the test split."""
     from finetune.cli import main as finetune_cli
 
     run_dir = Path(cfg.out_dir) / name
     started = time.time()
-    fit = finetune_cli(["fit", "--model.scratch", json.dumps(scratch), "--model.lr", str(cfg.learning_rates.get(name, cfg.lr)),
+    fit = finetune_cli(["fit", "--model.scratch", json.dumps(arch.to_dict()), "--model.lr", str(cfg.learning_rates.get(name, cfg.lr)),
                         "--model.warmup_steps", str(cfg.warmup_steps), "--data.batch_size", str(cfg.batch_size),
                         "--data.max_val_examples", "200", "--trainer.max_steps", str(cfg.max_steps),
                         "--trainer.val_check_interval", str(cfg.val_check_interval),
@@ -199,8 +211,8 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started, results, tokenizer = time.time(), [], None
-    for name, scratch in cfg.models.items():
-        result = train_and_score(cfg, name, scratch, tokenizer)
+    for name, arch in cfg.models.items():
+        result = train_and_score(cfg, name, arch, tokenizer)
         tokenizer = tokenizer or result["tokenizer"]  # the first model's BPE is shared by the others
         results.append(result)
     lang = task.target_lang or "en"
@@ -250,5 +262,6 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_class_arguments(CompareConfig, nested_key=None)
-    cfg = CompareConfig(**{k: v for k, v in vars(parser.parse_args(args)).items() if k != "config"})
+    parsed = parser.instantiate_classes(parser.parse_args(args))  # the model archs become dataclasses
+    cfg = CompareConfig(**{k: v for k, v in vars(parsed).items() if k != "config"})
     return compare(cfg)
