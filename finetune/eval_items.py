@@ -35,6 +35,12 @@ def subset_indices(n_total: int, max_examples: int | None, seed: int) -> list[in
     return sorted(np.random.default_rng(seed).choice(n_total, size=max_examples, replace=False).tolist())
 
 
+def _columns(rows: Any, *names: str) -> dict[str, list[Any]]:
+    """``names`` of a ``datasets.Dataset`` as lists, read in one batch: iterating ``rows[name]`` (a
+    lazy Column in datasets >= 4) decodes row by row, ~70x slower (3.3 s for Tatoeba's 162k ids)."""
+    return rows.select_columns(list(dict.fromkeys(names)))[:]
+
+
 class EvalItemBuilder:
     """Builds evaluation items for one task, template and context budget; caches loaded splits.
 
@@ -66,14 +72,15 @@ class EvalItemBuilder:
         if name not in self._keys:
             rows = self._split(name)
             keys: dict[str, str] = {}
-            for row_id, key in zip(rows["id"], self._row_keys(rows)):
+            for row_id, key in zip(_columns(rows, "id")["id"], self._row_keys(rows)):
                 keys.setdefault(key, row_id)
             self._keys[name] = keys
         return self._keys[name]
 
     def _row_keys(self, rows: Any) -> list[str]:
         field = self.task.long_field
-        return [leakage_key({"source": s, field: f}, field) for s, f in zip(rows["source"], rows[field])]
+        columns = _columns(rows, "source", field)
+        return [leakage_key({"source": s, field: f}, field) for s, f in zip(columns["source"], columns[field])]
 
     def build(self, split: str, max_examples: int | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """(items in index order, {"n_total", "overlap"}) for ``split``."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,23 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 from common.data_root import data_root as _data_root  # noqa: E402
 from tests.local_slurm import local_slurm  # noqa: E402,F401  (session fixture: a real local SLURM)
+
+OPT_IN_MARKERS = ("slow", "gpu")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`slow` and `gpu` tests run only when the -m expression names their marker (`-m slow`,
+    `-m gpu`, `-m "slow or not slow"`): plain `pytest` is the CI suite and `pytest -m "not
+    integration"` the quick tier, both without them (pyproject.toml, README "Tests")."""
+    named = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", config.getoption("markexpr") or ""))
+    left_out = [m for m in OPT_IN_MARKERS if m not in named]
+    kept, dropped = [], []
+    for item in items:
+        (dropped if any(item.get_closest_marker(m) for m in left_out) else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
 
 # A few short, distinct "articles"; some lines are blank / whitespace-only on purpose.
 TINY_TEXT_LINES = [

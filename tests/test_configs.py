@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ def test_there_are_configs_to_check() -> None:
 
 
 @pytest.mark.parametrize("path", ALL_YAML, ids=lambda p: str(p.relative_to(CONFIGS)))
-def test_config_parses(path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_config_parses(path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     kind = path.relative_to(CONFIGS).parts[0]
     if kind == "pretrain":
         run = lambda: pretrain_cli(["fit", "--config", str(path), "--print_config"])  # noqa: E731
@@ -29,13 +30,8 @@ def test_config_parses(path: Path, capsys: pytest.CaptureFixture) -> None:
         from finetune.cli import main as finetune_cli
 
         run = lambda: finetune_cli(["fit", "--config", str(path), "--print_config"])  # noqa: E731
-    elif kind == "compare":
-        from finetune.compare import CompareConfig
-
-        import yaml
-
-        config = CompareConfig(**yaml.safe_load(path.read_text()))
-        assert config.models and all("model_type" in m for m in config.models.values())
+    elif kind == "compare":  # not a LightningCLI config: parsed by `python -m finetune compare`
+        check_compare_config(parse_compare_config(path, monkeypatch))
         return
     elif kind == "tasks":  # not a CLI config: a task is loaded (and its templates checked) by load_task
         from finetune.tasks import load_task
@@ -50,6 +46,74 @@ def test_config_parses(path: Path, capsys: pytest.CaptureFixture) -> None:
         run()
     assert exit_info.value.code in (0, None), capsys.readouterr().err
     assert capsys.readouterr().out.strip(), "--print_config printed nothing"
+
+
+def parse_compare_config(path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The CompareConfig that `python -m finetune compare --config <path>` builds, through the same
+    entry point and jsonargparse parser (types checked, unknown keys refused); the comparison itself,
+    which would train, is replaced by a recorder."""
+    import finetune.__main__ as entry
+    import finetune.compare as compare_module
+
+    parsed: list = []
+    monkeypatch.setattr(compare_module, "compare", parsed.append)
+    monkeypatch.setattr(sys, "argv", ["python -m finetune", "compare", "--config", str(path)])
+    entry.main()
+    assert len(parsed) == 1 and isinstance(parsed[0], compare_module.CompareConfig), parsed
+    return parsed[0]
+
+
+def check_compare_config(config) -> None:
+    """What `compare` and each model's `finetune fit --model.scratch` would check before training,
+    plus the keys they would silently ignore: learning rates for no model, unknown model options."""
+    from transformers import AutoConfig
+
+    from finetune.pretrained import scratch_kind
+    from finetune.tasks import load_task
+
+    load_task(config.task)
+    assert config.models, "compare: `models` is empty"
+    unknown_lr = sorted(set(config.learning_rates) - set(config.models))
+    assert not unknown_lr, f"learning_rates for models that are not in `models`: {unknown_lr}"
+    for name, scratch in config.models.items():
+        assert scratch_kind(scratch) == "encoder_decoder", name  # a translation comparison: seq2seq models
+        options = {k for k in scratch if k != "model_type"}
+        defaults = AutoConfig.for_model(scratch["model_type"])
+        known = set(defaults.to_dict()) | set(getattr(defaults, "attribute_map", {}))
+        assert options <= known, f"models.{name}: unknown option(s) {sorted(options - known)}"
+
+
+COMPARE_YAML = CONFIGS / "compare" / "translation_en_fr.yaml"
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda text: text.replace("max_steps: 800", "max_steps: 800\nmax_stpes: 3"), "'max_stpes' is not accepted"),
+    (lambda text: text.replace("max_steps: 800", "max_steps: many"), "max_steps"),
+])
+def test_compare_parser_refuses_unknown_keys_and_bad_values(edit, message: str, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(edit(COMPARE_YAML.read_text()))
+    assert bad.read_text() != COMPARE_YAML.read_text(), "the edit did not apply: update this test"
+    with pytest.raises(SystemExit) as exit_info:
+        parse_compare_config(bad, monkeypatch)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda text: text.replace("attention: bahdanau,", "atention: bahdanau,"), "models.rnn_bahdanau: unknown option"),
+    (lambda text: text.replace("{transformer: 5.0e-4}", "{transfomer: 5.0e-4}"), "learning_rates for models"),
+])
+def test_compare_check_refuses_keys_the_run_would_ignore(edit, message: str, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(edit(COMPARE_YAML.read_text()))
+    assert bad.read_text() != COMPARE_YAML.read_text(), "the edit did not apply: update this test"
+    config = parse_compare_config(bad, monkeypatch)  # the parser accepts these: free-form dicts
+    with pytest.raises(AssertionError, match=message):
+        check_compare_config(config)
 
 
 @pytest.mark.parametrize("path", sorted((CONFIGS / "pretrain").glob("*.yaml")), ids=lambda p: p.stem)

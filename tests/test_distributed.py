@@ -29,6 +29,8 @@ from tests.tiny_run import write_run_config
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = REPO / "configs" / "trainer"
 
+pytestmark = pytest.mark.integration  # 2-process launches of the CLI
+
 
 def _fit(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python -m pretrain fit ...` in its own session, killed as a group if it hangs."""

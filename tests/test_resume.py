@@ -16,6 +16,8 @@ from tests.tiny_run import write_run_config
 
 REPO = Path(__file__).resolve().parent.parent
 
+pytestmark = pytest.mark.integration  # SIGKILLed CLI subprocesses, then resumed
+
 
 def _fit(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}

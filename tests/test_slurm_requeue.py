@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 MAX_STEPS, VAL_EVERY, STEP_SLEEP = 16, 4, 0.3
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.timeout(420), pytest.mark.integration]  # a real local SLURM
 
 
 def _slurm(*cmd: str) -> str:

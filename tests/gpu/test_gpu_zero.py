@@ -17,7 +17,7 @@ from tests.distributed_probe import probe_logits
 from tests.test_distributed import PRESETS, _fit, _probe_yaml
 from tests.tiny_run import write_run_config
 
-pytestmark = [pytest.mark.gpu,
+pytestmark = [pytest.mark.gpu, pytest.mark.integration,  # CLI subprocesses under DeepSpeed / FSDP
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 CASES = [("deepspeed-zero2", "gpt2"), ("deepspeed-zero2", "t5"), ("deepspeed-zero3", "gpt2"),
