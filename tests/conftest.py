@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,16 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 # The Rust tokenizer's thread pool would otherwise warn (and may deadlock) after DataLoader forks.
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+# Before torch loads libgomp: idle OpenMP threads sleep instead of spinning. The CPU machine's
+# second core comes and goes; spinning threads made tiny-model steps 3-10x slower there (measured:
+# one DialogSum evaluate 7.7-18.6 s spinning, 2.1-3.5 s passive). CI sets it too (.ci/run).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# DeepSpeed JIT-compiles its CPU shared-memory op (~40-80 s) into ~/.cache/torch_extensions, keyed by
+# name only: every venv on a machine rebuilds it over the others' build (the include paths differ).
+# Inside a venv, tests (and the CLI subprocesses they start) keep their own copy, built once.
+if sys.prefix != sys.base_prefix:
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 from common.data_root import data_root as _data_root  # noqa: E402
 from tests.local_slurm import local_slurm  # noqa: E402,F401  (session fixture: a real local SLURM)
