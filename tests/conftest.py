@@ -79,6 +79,21 @@ def data_root() -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def shipped_corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """configs/data/tiny_corpus.yaml prepared once per session (~1M tokens, a 4k BPE; ~5-10 s):
+    (out_dir, manifest). The gpt-tiny and t5-tiny presets name this corpus config, so their runs
+    pointed at out_dir find it prepared (a prepared corpus is reused only if its inputs match)."""
+    if _data_root() is None:
+        pytest.skip("data root not found (set LMTRAIN_DATA_ROOT or provide ../shared/data)")
+    from pretrain.prepare import main as prepare_main
+
+    out_dir = tmp_path_factory.mktemp("shipped") / "tiny_corpus"
+    config = Path(__file__).resolve().parent.parent / "configs" / "data" / "tiny_corpus.yaml"
+    manifest = prepare_main(["--config", str(config), "--out_dir", str(out_dir)])
+    return out_dir, manifest
+
+
 @pytest.fixture
 def tiny_corpus_files(tmp_path: Path) -> dict[str, Path]:
     """Small local corpus files in tmp_path: {"txt": lines file, "txt2": second lines file, "jsonl": json lines}."""
