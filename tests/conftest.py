@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,15 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 # The Rust tokenizer's thread pool would otherwise warn (and may deadlock) after DataLoader forks.
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# Before torch loads libgomp: idle OpenMP threads sleep instead of spinning. The CPU machine's
+# second core comes and goes; spinning threads made tiny-model steps 3-10x slower there (measured:
+# one DialogSum evaluate 7.7-18.6 s spinning, 2.1-3.5 s passive). CI sets it too (.ci/run).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# DeepSpeed JIT-compiles its CPU shared-memory op (~40-80 s) into ~/.cache/torch_extensions, keyed by
+# name only: every venv on a machine rebuilds it over the others' build (the include paths differ).
+# Inside a venv, tests (and the CLI subprocesses they start) keep their own copy, built once.
+if sys.prefix != sys.base_prefix:
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 from common.data_root import data_root as _data_root  # noqa: E402
 from tests.local_slurm import local_slurm  # noqa: E402,F401  (session fixture: a real local SLURM)
@@ -66,6 +76,47 @@ def data_root() -> Path:
     if root is None:
         pytest.skip("data root not found (set LMTRAIN_DATA_ROOT or provide ../shared/data)")
     return root
+
+
+@pytest.fixture(scope="session")
+def shipped_corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """configs/data/tiny_corpus.yaml prepared once per session (~1M tokens, a 4k BPE; ~5-10 s):
+    (out_dir, manifest). The gpt-tiny and t5-tiny presets name this corpus config, so their runs
+    pointed at out_dir find it prepared (a prepared corpus is reused only if its inputs match)."""
+    if _data_root() is None:
+        pytest.skip("data root not found (set LMTRAIN_DATA_ROOT or provide ../shared/data)")
+    from pretrain.prepare import main as prepare_main
+
+    out_dir = tmp_path_factory.mktemp("shipped") / "tiny_corpus"
+    config = Path(__file__).resolve().parent.parent / "configs" / "data" / "tiny_corpus.yaml"
+    manifest = prepare_main(["--config", str(config), "--out_dir", str(out_dir)])
+    return out_dir, manifest
+
+
+_LOADED_SPLITS: dict = {}
+
+
+@pytest.fixture
+def shared_splits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``finetune.tasks.load_split`` served from a session-wide cache in this test: the tests that
+    run the CLI on the real tasks many times (the suite: 18 runs) read each split once instead of per
+    run (Tatoeba's 162k training pairs: ~3.5 s a read). load_split is a pure function of its
+    arguments and the data root, and returns an immutable Dataset; tests/test_tasks.py tests it
+    without this cache."""
+    import finetune.data
+    import finetune.eval_items
+    import finetune.tasks
+
+    real = finetune.tasks.load_split
+
+    def load_split(task, split, max_examples=None, seed=0):
+        key = (str(_data_root()), os.getcwd(), repr(task), split, max_examples, seed)
+        if key not in _LOADED_SPLITS:
+            _LOADED_SPLITS[key] = real(task, split, max_examples, seed)
+        return _LOADED_SPLITS[key]
+
+    for module in (finetune.tasks, finetune.eval_items, finetune.data):  # the modules that call it
+        monkeypatch.setattr(module, "load_split", load_split)
 
 
 @pytest.fixture

@@ -17,6 +17,9 @@ from tests.tiny_run import write_corpus, write_run_config
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = REPO / "configs" / "pretrain"
+# The end-of-training samples (48 new tokens x 3 prompts by default) cost seconds on the bigger presets
+# and are not what these tests check (tests/test_samples.py does).
+SHORT_SAMPLES = ["--samples.max_new_tokens", "2"]
 
 
 def _tiny_corpus_args(tmp_path: Path) -> list[str]:
@@ -46,19 +49,21 @@ def test_fit_writes_run_directory_and_validate_reads_it(tmp_path: Path) -> None:
     assert torch.isclose(val.trainer.callback_metrics["val/loss"], metrics["val/loss"], atol=1e-5)
 
 
-def test_gpt_tiny_preset_fast_dev_run_on_shipped_corpus(tmp_path: Path, data_root: Path) -> None:
-    cli = pretrain_cli(["fit", "--config", str(PRESETS / "gpt-tiny.yaml"), "--trainer.fast_dev_run", "2",
+def test_gpt_tiny_preset_fast_dev_run_on_shipped_corpus(tmp_path: Path, shipped_corpus) -> None:
+    corpus_dir, _ = shipped_corpus  # prepared once from the corpus config the preset names
+    cli = pretrain_cli(["fit", "--config", str(PRESETS / "gpt-tiny.yaml"), "--trainer.fast_dev_run", "1",
                         "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.logger", "false",
-                        "--data.corpus.out_dir", str(tmp_path / "corpus")])
-    assert cli.trainer.global_step == 2
+                        "--data.corpus.out_dir", str(corpus_dir), *SHORT_SAMPLES])
+    assert cli.trainer.global_step == 1
     assert cli.model.model.config.vocab_size == 4096  # 4,096-token BPE, already a multiple of 64
 
 
-def test_t5_tiny_preset_fast_dev_run_on_shipped_corpus(tmp_path: Path, data_root: Path) -> None:
-    cli = pretrain_cli(["fit", "--config", str(PRESETS / "t5-tiny.yaml"), "--trainer.fast_dev_run", "2",
+def test_t5_tiny_preset_fast_dev_run_on_shipped_corpus(tmp_path: Path, shipped_corpus) -> None:
+    corpus_dir, _ = shipped_corpus  # prepared once from the corpus config the preset names
+    cli = pretrain_cli(["fit", "--config", str(PRESETS / "t5-tiny.yaml"), "--trainer.fast_dev_run", "1",
                         "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.logger", "false",
-                        "--data.corpus.out_dir", str(tmp_path / "corpus")])
-    assert cli.trainer.global_step == 2
+                        "--data.corpus.out_dir", str(corpus_dir), *SHORT_SAMPLES])
+    assert cli.trainer.global_step == 1
     # 4,096 BPE tokens + <|pad|> is the corpus tokenizer; 100 sentinels are added for T5, padded to 64.
     assert len(cli.datamodule.tokenizer) == 4096 + 100
     assert cli.model.model.config.vocab_size == 4224
@@ -72,7 +77,7 @@ def test_size_presets_fast_dev_run(preset: str, tmp_path: Path) -> None:
     cli = pretrain_cli(["fit", "--config", str(PRESETS / preset), "--trainer.fast_dev_run", "1",
                         "--trainer.precision", "32-true", "--trainer.accumulate_grad_batches", "1",
                         "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.logger", "false",
-                        "--data.block_size", "32", "--data.batch_size", "1", *_tiny_corpus_args(tmp_path)])
+                        "--data.block_size", "32", "--data.batch_size", "1", *_tiny_corpus_args(tmp_path), *SHORT_SAMPLES])
     assert cli.trainer.global_step == 1
     config = cli.model.model.config
     assert (config.n_positions == 1024) if preset.startswith("gpt2") else (config.d_model >= 512)

@@ -10,9 +10,6 @@ import torch
 from pretrain.corpus import CorpusConfig, CorpusSource
 from common.resumable_loader import ResumableDataLoader
 from pretrain.data import PretrainDataModule
-from pretrain.prepare import main as prepare_main
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _datamodule(tiny_corpus_files, tmp_path, **kwargs) -> PretrainDataModule:
@@ -76,9 +73,8 @@ def test_setup_before_prepare_names_the_manifest(tmp_path):
         dm.setup("fit")
 
 
-def test_shipped_tiny_corpus(data_root, tmp_path):
-    out_dir = tmp_path / "tiny_corpus"
-    manifest = prepare_main(["--config", str(REPO / "configs/data/tiny_corpus.yaml"), "--out_dir", str(out_dir)])
+def test_shipped_tiny_corpus(shipped_corpus):
+    out_dir, manifest = shipped_corpus  # prepare_main on configs/data/tiny_corpus.yaml (tests/conftest.py)
     assert manifest["splits"]["train"]["tokens"] > 500_000
     assert manifest["splits"]["val"]["tokens"] > 10_000
     assert manifest["tokenizer"]["vocab_size"] <= 8192 + 2

@@ -60,7 +60,7 @@ def test_pretraining_records_its_context_in_checkpoint_and_export(pretrained_gpt
 
 
 def test_evaluate_never_builds_a_prompt_past_the_trained_context(pretrained_gpt: Path, data_root: Path,
-                                                                 tmp_path: Path) -> None:
+                                                                 tmp_path: Path, shared_splits) -> None:
     cli = finetune_cli(["evaluate", "--model.init", str(pretrained_gpt), "--data.task", "tatoeba_en_fr",
                         "--data.shots", "5", "--data.max_eval_examples", "12", "--model.max_new_tokens", "6",
                         "--trainer.default_root_dir", str(tmp_path), *QUIET])
@@ -75,7 +75,7 @@ def test_evaluate_never_builds_a_prompt_past_the_trained_context(pretrained_gpt:
 
 
 def test_a_longer_max_length_is_warned_about_and_past_the_table_refused(pretrained_gpt: Path, data_root: Path,
-                                                                       tmp_path: Path,
+                                                                       tmp_path: Path, shared_splits,
                                                                        capsys: pytest.CaptureFixture) -> None:
     args = ["evaluate", "--model.init", str(pretrained_gpt), "--data.task", "tatoeba_en_fr", "--data.max_eval_examples",
             "2", "--model.max_new_tokens", "4", "--trainer.default_root_dir", str(tmp_path), *QUIET]

@@ -37,7 +37,7 @@ def _evaluate(model: Path | str, task: str, run_dir: Path, *extra: str, shots: i
 @pytest.mark.parametrize("family", ["gpt2", "t5"])
 @pytest.mark.parametrize("task", SHIPPED_TASKS)
 def test_evaluate_every_shipped_task(task: str, family: str, tiny: dict[str, Path], data_root: Path,
-                                     tmp_path: Path) -> None:
+                                     tmp_path: Path, shared_splits) -> None:
     cli = _evaluate(tiny[family], task, tmp_path)
     results = cli.results
     out = tmp_path / "eval" / f"{task}-{results['split']}-1shot"
@@ -146,7 +146,7 @@ def test_training_sequences_never_exceed_max_length(kind: str, tiny: dict[str, P
 
 
 def test_prompts_longer_than_the_context_are_truncated_and_counted(tiny: dict[str, Path], data_root: Path,
-                                                                   tmp_path: Path) -> None:
+                                                                   tmp_path: Path, shared_splits) -> None:
     cli = _evaluate(tiny["gpt2"], "dialogsum", tmp_path, "--data.max_length", "96", shots=2, n=4)
     results = cli.results
     assert results["n_truncated"] == 4  # dialogues are longer than 96 - 4 tokens even alone
