@@ -69,6 +69,7 @@ def test_t5_tiny_preset_fast_dev_run_on_shipped_corpus(tmp_path: Path, shipped_c
     assert cli.model.model.config.vocab_size == 4224
 
 
+@pytest.mark.integration  # real size presets built end to end: CI suite, not the quick tier
 @pytest.mark.parametrize("preset", ["gpt2-124m.yaml", "t5-small.yaml",
                                     pytest.param("gpt2-350m.yaml", marks=pytest.mark.slow),
                                     pytest.param("t5-base.yaml", marks=pytest.mark.slow)])
@@ -110,6 +111,7 @@ def test_tokenizer_larger_than_model_vocab_is_refused(tmp_path: Path, capsys: py
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.integration  # a fresh interpreter: CI suite, not the quick tier
 def test_module_entry_point_prints_one_error_line(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "pretrain", "export", str(tmp_path / "missing.ckpt"),
                           str(tmp_path / "hf")], cwd=REPO, capture_output=True, text=True, timeout=120)

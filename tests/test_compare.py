@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from finetune.compare import main as compare_main
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.integration  # end to end through the CLI: in the CI suite, not the quick tier
 def test_compare_runs_end_to_end(tmp_path: Path) -> None:
     config = tmp_path / "compare.yaml"
     config.write_text(f"""\

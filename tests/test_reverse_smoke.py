@@ -30,6 +30,7 @@ def _fit(family: str, run: Path, steps: int, *extra: str):
                          "--attention_plots.n_examples", "0", "--trainer.default_root_dir", str(run), *extra])
 
 
+@pytest.mark.integration  # end to end through the CLI: in the CI suite, not the quick tier
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_reverse_loss_falls(family: str, tmp_path: Path) -> None:
     recorder = tmp_path / "rec.yaml"

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from finetune.suite import (TASKS, Model, Settings, all_finite, headline_table, markdown_table, paired_table,
                             rows_as_dicts, run_suite)
 from tests.tiny_hf import save_tiny_model
 
 
+@pytest.mark.integration  # end to end through the CLI: in the CI suite, not the quick tier
 def test_suite_rows_for_every_model_task_and_setting(tmp_path: Path, data_root: Path, shared_splits) -> None:
     # Attention heatmaps of the fine-tuning validations (t5) are the suite's slowest part on long
     # DialogSum/SQuAD sources and are not checked here (tests/test_attention_plots.py does).

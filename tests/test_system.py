@@ -120,6 +120,7 @@ def test_scratch_archs_are_typed_and_checked_at_parse_time(capsys: pytest.Captur
     assert isinstance(FinetuneSystem(scratch=T5Arch(d_model=32, num_layers=1)).scratch, T5Arch)
 
 
+@pytest.mark.integration  # fresh interpreters: CI suite, not the quick tier
 def test_console_entry_point_names_the_real_command() -> None:
     lmtrain = Path(sys.executable).parent / "lmtrain"
     out = subprocess.run([str(lmtrain), "finetune", "evaluate", "--help"], capture_output=True, text=True,
