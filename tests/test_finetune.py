@@ -19,6 +19,29 @@ from finetune.tasks import TASKS_DIR
 from tests.tiny_hf import save_tiny_model
 
 SHIPPED_TASKS = sorted(p.stem for p in TASKS_DIR.glob("*.yaml"))
+
+
+def _evaluate_cases() -> list:
+    """(task, family) for every shipped task and both model families. In the default suite each task
+    runs with one family, alternating within each task kind so that both families evaluate every kind
+    (a kind with one task runs both); the other pairs run under `-m slow`. What a pair adds over its
+    task's other family is that task's template of that model kind, which
+    tests/test_tasks.py::test_shipped_templates_render_real_rows_for_both_model_kinds renders on real
+    rows, demonstrations included."""
+    from collections import defaultdict
+
+    from finetune.tasks import load_task
+
+    by_kind: dict[str, list[str]] = defaultdict(list)
+    for task in SHIPPED_TASKS:
+        by_kind[load_task(task).kind].append(task)
+    cases = []
+    for task in SHIPPED_TASKS:
+        tasks_of_kind = by_kind[load_task(task).kind]
+        for j, family in enumerate(("gpt2", "t5")):
+            default = len(tasks_of_kind) == 1 or tasks_of_kind.index(task) % 2 == j
+            cases.append(pytest.param(task, family, marks=() if default else pytest.mark.slow, id=f"{task}-{family}"))
+    return cases
 QUIET = ["--trainer.logger", "false", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
 
 
@@ -34,8 +57,7 @@ def _evaluate(model: Path | str, task: str, run_dir: Path, *extra: str, shots: i
                          "--model.max_new_tokens", "4", "--trainer.default_root_dir", str(run_dir), *QUIET, *extra])
 
 
-@pytest.mark.parametrize("family", ["gpt2", "t5"])
-@pytest.mark.parametrize("task", SHIPPED_TASKS)
+@pytest.mark.parametrize(("task", "family"), _evaluate_cases())
 def test_evaluate_every_shipped_task(task: str, family: str, tiny: dict[str, Path], data_root: Path,
                                      tmp_path: Path, shared_splits) -> None:
     cli = _evaluate(tiny[family], task, tmp_path)
