@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from finetune.compare import main as compare_main
 
 PNG = b"\x89PNG\r\n\x1a\n"
+
+pytestmark = pytest.mark.integration  # the whole pipeline: 3 models trained and scored, 6 CLI runs
 
 
 def test_compare_runs_end_to_end(tmp_path: Path, shared_splits) -> None:

@@ -57,6 +57,7 @@ def _evaluate(model: Path | str, task: str, run_dir: Path, *extra: str, shots: i
                          "--model.max_new_tokens", "4", "--trainer.default_root_dir", str(run_dir), *QUIET, *extra])
 
 
+@pytest.mark.integration  # a sweep of CLI runs over the real tasks; the quick tier evaluates in the tests below
 @pytest.mark.parametrize(("task", "family"), _evaluate_cases())
 def test_evaluate_every_shipped_task(task: str, family: str, tiny: dict[str, Path], data_root: Path,
                                      tmp_path: Path, shared_splits) -> None:
