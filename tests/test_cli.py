@@ -17,9 +17,9 @@ from tests.tiny_run import write_corpus, write_run_config
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = REPO / "configs" / "pretrain"
-# The end-of-training samples (48 new tokens x 3 prompts by default) cost seconds on the bigger presets
+# The end-of-training samples (48 new tokens x 3 prompts by default; here 2 x 1) cost seconds on the bigger presets
 # and are not what these tests check (tests/test_samples.py does).
-SHORT_SAMPLES = ["--samples.max_new_tokens", "2"]
+SHORT_SAMPLES = ["--samples.max_new_tokens", "2", "--samples.prompts", "[The]"]
 
 
 def _tiny_corpus_args(tmp_path: Path) -> list[str]:

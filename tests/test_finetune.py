@@ -89,6 +89,7 @@ def test_fine_tune_released_checkpoint_then_evaluate_and_export(kind: str, tiny:
                         "--data.batch_size", "2",
                         "--data.max_val_examples", "3", "--model.max_new_tokens", "4", "--model.lr", "1e-3",
                         "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.log_every_n_steps", "1",
+                        "--attention_plots.n_examples", "0",  # heatmaps: tests/test_attention_plots.py
                         "--trainer.default_root_dir", str(run), *QUIET])
     assert fit.trainer.global_step == 4
     assert {"train/loss", "val/score"} <= fit.trainer.callback_metrics.keys()
