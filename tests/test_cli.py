@@ -110,6 +110,7 @@ def test_tokenizer_larger_than_model_vocab_is_refused(tmp_path: Path, capsys: py
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.integration  # a fresh `python -m pretrain` process: ~6 s of imports before the error
 def test_module_entry_point_prints_one_error_line(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "pretrain", "export", str(tmp_path / "missing.ckpt"),
                           str(tmp_path / "hf")], cwd=REPO, capture_output=True, text=True, timeout=120)
