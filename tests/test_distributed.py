@@ -2,15 +2,16 @@
 shipped trainer presets, for GPT and T5. Checks data sharding, reduced metrics, single-writer
 checkpoints, exact resume, generation under ZeRO-3 (no hang), and export of ZeRO checkpoints.
 
-The first DeepSpeed run JIT-compiles one C++ op (~40 s) into ~/.cache/torch_extensions; later
-runs reuse it.
+The first DeepSpeed run JIT-compiles one C++ op (~40 s) into TORCH_EXTENSIONS_DIR (tests/conftest.py:
+<venv>/torch_extensions); later runs reuse it.
 
 Each 2-process launch costs ~15-20 s on 2 cores, nearly all of it two serial Python/Lightning
 start-ups, so the launches are what this module economises: one uninterrupted run per
-(preset, family) shared by every test of that run, the single-process references in-process, W&B
-only where it is checked (the DDP runs), and of the ZeRO stage x family matrix the diagonal
-(ZeRO-2 GPT, ZeRO-3 T5) in the default suite, the other two cases under `-m slow`, as are the
-cases that repeat a path another default case takes (ZeRO-2 resume, DDP evaluate).
+(preset, family) shared by every test of that run, the single-process work (the evaluate
+reference, one bad-input case) in this process, W&B only where it is checked (the DDP runs), and
+of the ZeRO stage x family matrix the diagonal (ZeRO-2 GPT, ZeRO-3 T5) in the default suite, the
+other two pairs under `-m slow`, as are the cases that repeat a path another default case takes
+(ZeRO-2 resume, DDP evaluate).
 """
 
 from __future__ import annotations
