@@ -17,9 +17,9 @@ from tests.tiny_run import write_corpus, write_run_config
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = REPO / "configs" / "pretrain"
-# The end-of-training samples (48 new tokens x 3 prompts by default) cost seconds on the bigger presets
+# The end-of-training samples (48 new tokens x 3 prompts by default; here 2 x 1) cost seconds on the bigger presets
 # and are not what these tests check (tests/test_samples.py does).
-SHORT_SAMPLES = ["--samples.max_new_tokens", "2"]
+SHORT_SAMPLES = ["--samples.max_new_tokens", "2", "--samples.prompts", "[The]"]
 
 
 def _tiny_corpus_args(tmp_path: Path) -> list[str]:
@@ -111,7 +111,7 @@ def test_tokenizer_larger_than_model_vocab_is_refused(tmp_path: Path, capsys: py
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-@pytest.mark.integration  # a fresh interpreter: CI suite, not the quick tier
+@pytest.mark.integration  # a fresh `python -m pretrain` process: ~6 s of imports before the error
 def test_module_entry_point_prints_one_error_line(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "pretrain", "export", str(tmp_path / "missing.ckpt"),
                           str(tmp_path / "hf")], cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -11,16 +11,18 @@ from finetune.compare import main as compare_main
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
+pytestmark = pytest.mark.integration  # the whole pipeline: 3 models trained and scored, 6 CLI runs
 
-@pytest.mark.integration  # end to end through the CLI: in the CI suite, not the quick tier
-def test_compare_runs_end_to_end(tmp_path: Path) -> None:
+
+def test_compare_runs_end_to_end(tmp_path: Path, shared_splits) -> None:
     config = tmp_path / "compare.yaml"
     config.write_text(f"""\
 task: reverse
 max_steps: 6
 batch_size: 8
+max_train_examples: 200  # 6 steps x 8 read 48; the other ~20k generated pairs would only be tokenized
 warmup_steps: 1
-val_check_interval: 3
+val_check_interval: 6  # one validation per model: picks the best checkpoint (all compare needs)
 tokenizer_vocab_size: 300
 max_eval_examples: 20
 max_new_tokens: 8

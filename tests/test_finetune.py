@@ -6,6 +6,7 @@ truncation counts and bad input."""
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -15,10 +16,31 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokeni
 from common.user_errors import report_user_errors
 from finetune.cli import main as finetune_cli
 from finetune.data import IGNORE_INDEX, FinetuneDataModule
-from finetune.tasks import TASKS_DIR
+from finetune.tasks import TASKS_DIR, load_task
 from tests.tiny_hf import save_tiny_model
 
 SHIPPED_TASKS = sorted(p.stem for p in TASKS_DIR.glob("*.yaml"))
+
+
+def _evaluate_cases() -> list:
+    """(task, family) for every shipped task and both model families. In the default suite each task
+    runs with one family, alternating within each task type so that both families evaluate every type
+    (a type with one task runs both); the other pairs run under `-m slow`. What a pair adds over its
+    task's other family is that task's template of that model kind, which
+    tests/test_tasks.py::test_shipped_templates_render_real_rows_for_both_model_kinds renders on real
+    rows, demonstrations included."""
+    by_type: dict[str, list[str]] = defaultdict(list)
+    for task in SHIPPED_TASKS:
+        by_type[load_task(task).type].append(task)
+    cases = []
+    for task in SHIPPED_TASKS:
+        tasks_of_type = by_type[load_task(task).type]
+        for j, family in enumerate(("gpt2", "t5")):
+            default = len(tasks_of_type) == 1 or tasks_of_type.index(task) % 2 == j
+            cases.append(pytest.param(task, family, marks=() if default else pytest.mark.slow, id=f"{task}-{family}"))
+    return cases
+
+
 QUIET = ["--trainer.logger", "false", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
 
 
@@ -34,8 +56,8 @@ def _evaluate(model: Path | str, task: str, run_dir: Path, *extra: str, shots: i
                          "--model.max_new_tokens", "4", "--trainer.default_root_dir", str(run_dir), *QUIET, *extra])
 
 
-@pytest.mark.parametrize("family", ["gpt2", "t5"])
-@pytest.mark.parametrize("task", SHIPPED_TASKS)
+@pytest.mark.integration  # a sweep of CLI runs over the real tasks; the quick tier evaluates in the tests below
+@pytest.mark.parametrize(("task", "family"), _evaluate_cases())
 def test_evaluate_every_shipped_task(task: str, family: str, tiny: dict[str, Path], data_root: Path,
                                      tmp_path: Path, shared_splits) -> None:
     cli = _evaluate(tiny[family], task, tmp_path)
@@ -66,6 +88,7 @@ def test_fine_tune_released_checkpoint_then_evaluate_and_export(kind: str, tiny:
                         "--data.batch_size", "2",
                         "--data.max_val_examples", "3", "--model.max_new_tokens", "4", "--model.lr", "1e-3",
                         "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.log_every_n_steps", "1",
+                        "--attention_plots.n_examples", "0",  # heatmaps: tests/test_attention_plots.py
                         "--trainer.default_root_dir", str(run), *QUIET])
     assert fit.trainer.global_step == 4
     assert {"train/loss", "val/score"} <= fit.trainer.callback_metrics.keys()

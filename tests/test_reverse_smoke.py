@@ -32,11 +32,14 @@ def _fit(family: str, run: Path, steps: int, *extra: str):
 
 @pytest.mark.integration  # end to end through the CLI: in the CI suite, not the quick tier
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_reverse_loss_falls(family: str, tmp_path: Path) -> None:
+def test_reverse_loss_falls(family: str, tmp_path: Path, shared_splits) -> None:
     recorder = tmp_path / "rec.yaml"
     recorder.write_text("trainer:\n  callbacks:\n    - class_path: tests.tiny_run.LossRecorder\n")
+    # 40 steps x 64 read 2,560 training pairs: only those are tokenized, not all 20,000 (the BPE is
+    # still trained on the whole train split). Measured ratios of the last 10 to the first 5 losses:
+    # 0.51 (rnn) and 0.69 (transformer), the same as with every pair; 20 steps gave 0.79 (transformer).
     cli = _fit(family, tmp_path, 40, "--trainer.val_check_interval", "40", "--data.max_val_examples", "8",
-               "--config", str(recorder))
+               "--data.max_train_examples", str(40 * 64), "--config", str(recorder))
     losses = next(cb for cb in cli.trainer.callbacks if isinstance(cb, LossRecorder)).losses
     assert len(losses) == 40
     assert statistics.fmean(losses[-10:]) < 0.8 * statistics.fmean(losses[:5]), losses

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,14 +11,22 @@ from finetune.suite import (TASKS, Model, Settings, all_finite, headline_table, 
                             rows_as_dicts, run_suite)
 from tests.tiny_hf import save_tiny_model
 
+pytestmark = pytest.mark.integration  # 9 or 18 evaluate/fit CLI runs on the real tasks
 
-@pytest.mark.integration  # end to end through the CLI: in the CI suite, not the quick tier
-def test_suite_rows_for_every_model_task_and_setting(tmp_path: Path, data_root: Path, shared_splits) -> None:
+
+# run_suite is the same loop for every model (the model kind matters only inside the CLI runs, which
+# tests/test_finetune.py runs for both kinds): the default suite runs it for the encoder-decoder, whose
+# fine-tuning is otherwise tested on the fixture task only, and builds the tables for two models from
+# those rows; both models run under `-m slow`.
+@pytest.mark.parametrize("families", [pytest.param(("gpt2", "t5"), marks=pytest.mark.slow, id="gpt-and-t5"),
+                                      pytest.param(("t5",), id="t5")])
+def test_suite_rows_for_every_model_task_and_setting(families: tuple[str, ...], tmp_path: Path, data_root: Path,
+                                                     shared_splits) -> None:
     # Attention heatmaps of the fine-tuning validations (t5) are the suite's slowest part on long
     # DialogSum/SQuAD sources and are not checked here (tests/test_attention_plots.py does).
     no_plots = ("--attention_plots.n_examples", "0")
-    models = [Model("gpt", str(save_tiny_model("gpt2", tmp_path / "gpt")), no_plots),
-              Model("t5", str(save_tiny_model("t5", tmp_path / "t5")), no_plots)]
+    names = {"gpt2": "gpt", "t5": "t5"}
+    models = [Model(names[f], str(save_tiny_model(f, tmp_path / names[f])), no_plots) for f in families]
     settings = Settings(eval_examples=4, shots=(0, 5), finetune_steps=2, val_examples=4, val_every=2, batch_size=2,
                         max_train_examples=16, wandb_finetune=False)  # 1-shot left out: the same path as 5-shot
     rows = run_suite(models, tmp_path / "suite", settings, log=lambda _: None)
@@ -45,6 +54,9 @@ def test_suite_rows_for_every_model_task_and_setting(tmp_path: Path, data_root: 
     # the fine-tuned scores come from the fine-tuning run's own evaluation directory
     assert (tmp_path / "suite" / "t5" / "squad" / "finetune" / "eval" / "squad-test-0shot" / "results.json").is_file()
 
+    if len(models) == 1:  # the tables of two models: these rows again under a second model's name
+        rows = rows + [replace(r, model="gpt") for r in rows]
+        expected = expected + [("gpt", *e[1:]) for e in expected]
     table = markdown_table(rows)
     assert table.count("\n") == 2 + len(expected)
     assert "| gpt | tatoeba_en_fr | 5-shot | BLEU" in table and "| 4 of 2000 |" in table

@@ -63,6 +63,30 @@ def test_shipped_local_splits_load(path: Path, data_root: Path) -> None:
         assert len(set(ds["id"])) == 8
 
 
+def _count_words(text: str) -> int:
+    return len(text.split())
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_templates_render_real_rows_for_both_model_kinds(path: Path, data_root: Path) -> None:
+    """Each task's decoder and encoder-decoder templates on real test rows, with a demonstration
+    from the task's pool, assembled as evaluate assembles them (finetune.few_shot.build_prompt)."""
+    from finetune.few_shot import build_prompt
+
+    task = load_task(path)
+    rows = list(load_split(task, "test", max_examples=2))
+    pool = list(load_split(task, task.few_shot_split_for("test"), max_examples=2))
+    for kind in ("decoder", "encoder_decoder"):
+        template = task.template(kind)
+        for row in rows:
+            prompt, completion = template.render_prompt(row), template.render_completion(row)
+            assert prompt.strip() and completion.strip() and row["target"] in completion, (kind, prompt, completion)
+            built = build_prompt(template, row, pool[:1], _count_words, max_tokens=10**6, long_field=task.long_field)
+            demo = template.render_prompt(pool[0]) + template.render_completion(pool[0])
+            assert built.n_shots == 1 and not built.truncated, (kind, built)
+            assert built.text.endswith(prompt) and demo.strip() in built.text, (kind, built.text)
+
+
 def test_row_counts_of_local_copies(data_root: Path) -> None:
     assert len(load_split(load_task("tatoeba_en_fr"), "validation")) == 2000
     assert len(load_split(load_task("multi30k_en_de"), "validation")) == 1014
