@@ -54,12 +54,13 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
+from common.archs import GPT2Arch, T5Arch  # noqa: E402
+from common.matmul_probe import faster_precision, matmul_peak  # noqa: E402
 from common.optim import build_adamw, build_warmup_cosine  # noqa: E402
 from common.throughput import SpeedMonitor, seq2seq_flops_per_example, seq2seq_shape  # noqa: E402
-from common.archs import GPT2Arch, T5Arch, build_gpt2, build_t5  # noqa: E402
 from pretrain.span_corruption import compute_input_and_target_lengths  # noqa: E402
 from pretrain.system import CausalLMSystem, PretrainSystem, SpanCorruptionSystem  # noqa: E402
-from step_report import FLOOR, NOTES, busy_processes, machine, markdown  # noqa: E402 - beside this script
+from step_report import FLOOR, NOTES, busy_processes, machine, markdown, summarize  # noqa: E402 - beside this script
 
 # Per run: measured steps and unmeasured warm-up steps: 15-35 s per run on this VM with both cores,
 # about twice that with one (a round is two runs; the whole default set takes 10-15 min).
@@ -161,14 +162,13 @@ def make_loader(case: Case, n_batches: int, seed: int) -> DataLoader:
 def fresh_system(case: Case, tokenizer: PreTrainedTokenizerFast, seed: int, max_steps: int) -> PretrainSystem:
     """The project's system with its model built now (same seed -> same weights on both sides).
 
-    Setting ``system.model`` makes ``configure_model`` a no-op, so no data module is needed.
+    A built ``system.model`` makes ``configure_model`` a no-op, so no data module is needed.
     """
     # LR warmup over the first quarter: the schedule needs max_steps > warmup; speed ignores the LR.
-    system_cls, build = (SpanCorruptionSystem, build_t5) if case.seq2seq else (CausalLMSystem, build_gpt2)
+    system_cls = SpanCorruptionSystem if case.seq2seq else CausalLMSystem
     system = system_cls(arch=case.arch, lr=case.lr, warmup_steps=max_steps // 4)
     torch.manual_seed(seed)
-    system.model = build(case.arch, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
-    system.attach_tokenizer(tokenizer)
+    system.build(tokenizer, case.seq_len)  # what configure_model does with the data module's inputs
     return system
 
 
@@ -255,33 +255,9 @@ def run_lightning(case: Case, system: PretrainSystem, loader: DataLoader, max_st
 
 
 # ---- measurement ----------------------------------------------------------------------------
-def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (512, 1024, 2048, 4096), reps: int = 3,
-                max_s: float = 0.5) -> float:
-    """Best FLOP/s of square matmuls in ``dtype`` (the 2-core peak when the second core is there
-    for at least one try). Sizes grow until one matmul takes ``max_s``: without AVX-512 BF16/AMX,
-    bf16 matmuls fall back to a ~100x slower path, and a 4096² one would take minutes."""
-    best = 0.0
-    for n in sizes:
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-        t0 = time.perf_counter()
-        a @ b  # warm-up: thread pool, kernel selection
-        if time.perf_counter() - t0 > 4 * max_s:
-            break
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            a @ b
-            took = time.perf_counter() - t0
-            best = max(best, 2 * n**3 / took)
-        if took > max_s:
-            break
-    return best
-
-
 def resolve_precision(precision: str, peaks: dict[str, float]) -> str:
     """"auto": bf16-mixed where the bf16 matmul probe beats fp32 (AVX-512 BF16 / AMX CPUs), else 32-true."""
-    if precision != "auto":
-        return precision
-    return "bf16-mixed" if peaks["bf16-mixed"] > peaks["32-true"] else "32-true"
+    return faster_precision(peaks) if precision == "auto" else precision
 
 
 def steady_state(run: RunResult, warmup: int, tokens_per_step: int, flops_per_step: float,
@@ -359,11 +335,6 @@ def rescale_mfu(case: dict[str, Any], peak: float) -> None:
     case["peak_flops"] = peak
     for side in ("bare", "lightning"):
         case[f"{side}_mfu"] = summarize([x["mfu"] for x in case["runs"] if x["side"] == side])
-
-
-def summarize(xs: list[float]) -> dict[str, float]:
-    """Median and range: the second core comes and goes, so means of a few runs mislead."""
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
 
 def finish_peaks(report: dict[str, Any]) -> None:

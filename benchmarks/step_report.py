@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import statistics
 import platform
 import subprocess
 from pathlib import Path
@@ -13,6 +14,11 @@ import torch
 import transformers
 
 FLOOR = 0.95  # Lightning must reach this fraction of the bare loop's tokens/s
+
+
+def summarize(xs: list[float]) -> dict[str, float]:
+    """Median and range: the second core comes and goes, so means of a few runs mislead."""
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
 
 def busy_processes() -> list[str]:

@@ -214,3 +214,12 @@ def test_speed_monitor_flops_per_token_protocol(tmp_path):
     rows = fit(tmp_path, monitor, ToyTokenLM(), log_every_n_steps=1, limit_val_batches=0)
     assert sum(1 for r in rows if r.get("perf/mfu")) == 4
     assert monitor.total_flops == 4 * (1000.0 * 8) * 16  # 4 measured steps x (B=2, T=8) tokens
+
+
+def test_matmul_probe_measures_each_dtype_and_picks_the_faster() -> None:
+    from common.matmul_probe import faster_precision, matmul_peak
+
+    fp32 = matmul_peak(torch.float32, sizes=(64, 128), reps=2)
+    assert 1e6 < fp32 < 1e14  # FLOP/s of a real matmul on any CPU, not 0 or inf
+    assert faster_precision({"32-true": fp32, "bf16-mixed": fp32 / 2}) == "32-true"
+    assert faster_precision({"32-true": fp32, "bf16-mixed": fp32 * 2}) == "bf16-mixed"
