@@ -134,4 +134,6 @@ def fill_spans(model_dir: Path, text: str) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from common.user_errors import report_user_errors
+
+    report_user_errors(main)  # bad input: one line, as from the lmtrain commands
