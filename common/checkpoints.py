@@ -27,16 +27,22 @@ marian, ...), its HF config and its tokenizer files, so it exports and fine-tune
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
+import re
+import shutil
 import tempfile
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from common.staging import staging_prefix
+from common.user_errors import DiskFullError
 
 # Marks our checkpoints; `format` allows migrations (1: `family` held gpt2/t5 in pretraining
 # checkpoints but decoder/encoder_decoder in fine-tuning ones; 2: `kind` and `family` both, always).
@@ -47,6 +53,7 @@ Stage = Literal["pretrain", "finetune"]
 _KIND_OF_V1_FAMILY = {"gpt2": "decoder", "t5": "encoder_decoder", "decoder": "decoder",
                       "encoder_decoder": "encoder_decoder"}
 TAG = "checkpoint"  # Lightning saves every ZeRO checkpoint under this tag
+HPC_CHECKPOINT = re.compile(r"^hpc_ckpt_(\d+)\.ckpt$")  # Lightning's SLURM signal-time checkpoint
 # Keys DeepSpeed adds to the model-states file beside Lightning's client state.
 DEEPSPEED_KEYS = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes",
                   "shared_params", "frozen_param_fragments", "lr_scheduler", "data_sampler",
@@ -71,39 +78,125 @@ def is_zero_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def is_lmtrain_checkpoint_path(path: str | os.PathLike) -> bool:
-    """A ``.ckpt`` file, a ZeRO directory, or a run directory holding ``checkpoints/last.ckpt``."""
+    """A ``.ckpt`` file, a ZeRO directory, or a run directory (or its checkpoints/) holding checkpoints."""
     path = Path(path)
     if path.is_file():
         return path.suffix == ".ckpt"
-    return is_zero_checkpoint(path) or (path / "checkpoints" / "last.ckpt").exists()
+    return is_zero_checkpoint(path) or bool(run_checkpoints(path) or run_checkpoints(path.parent, path))
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint file or ZeRO directory, or a run directory (its checkpoints/last.ckpt)."""
+def hpc_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Lightning's SLURM ``hpc_ckpt_<n>.ckpt`` in ``run_dir`` (files, or DeepSpeed directories), by n."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := HPC_CHECKPOINT.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def run_checkpoints(run_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Every checkpoint of a run: ``last.ckpt`` first, the other ``*.ckpt`` of ``checkpoint_dir``
+    (default ``<run_dir>/checkpoints``) by name, then the SLURM ``hpc_ckpt_<n>.ckpt`` by n.
+
+    Names only order the candidates for ties; which one resumes is decided by the step it holds
+    (`newest_checkpoint`). Partial files (``.<name>.<host>-<pid>.*.tmp``) never match.
+    """
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else Path(run_dir) / "checkpoints"
+    found = sorted(p for p in checkpoint_dir.glob("*.ckpt") if p.name != "last.ckpt") if checkpoint_dir.is_dir() else []
+    last = checkpoint_dir / "last.ckpt"
+    return [*([last] if last.exists() else []), *found, *hpc_checkpoints(run_dir)]
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The ``global_step`` a checkpoint file or ZeRO directory holds (None if it records none)."""
+    step = load_checkpoint_file(path).get("global_step")
+    return step if isinstance(step, int) else None
+
+
+def newest_checkpoint(candidates: list[Path], read_step: Callable[[Path], int | None] = checkpoint_step,
+                      warn: Callable[[str], None] = print) -> Path | None:
+    """The candidate holding the most training progress, or None when none is readable.
+
+    Compared by the ``global_step`` each holds, never by name or mtime: copying or moving a run
+    directory resets mtimes (cp, rsync, object stores), clocks differ between nodes, and after a
+    move Lightning once wrote ``last-v1.ckpt`` beside a stale ``last.ckpt``. On a tie the earlier
+    candidate wins (``last.ckpt`` first: it is written at a step boundary, after validation; a
+    signal-time hpc checkpoint may be mid-step). An unreadable candidate (truncated by a kill or a
+    full disk) is skipped with a warning, so the previous checkpoint resumes.
+    """
+    steps: dict[Path, int] = {}
+    for path in candidates:
+        if not path.exists():
+            continue
+        try:
+            step = read_step(path)
+        except ValueError as e:  # CheckpointError: corrupt / truncated / not a checkpoint
+            warn(f"warning: skipping {path}: {e}")
+            continue
+        steps[path] = step if step is not None else -1
+    if not steps:
+        return None
+    return max(steps, key=steps.__getitem__)  # max() keeps the first of equal keys
+
+
+def resolve_checkpoint(path: str | os.PathLike, warn: Callable[[str], None] = print) -> Path:
+    """A checkpoint file or ZeRO directory as given, or a run directory's newest checkpoint."""
     path = Path(path)
     if path.is_dir() and not is_zero_checkpoint(path):
-        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
-            if candidate.is_file() or is_zero_checkpoint(candidate):
-                return candidate
-        raise CheckpointError(f"{path} is neither a DeepSpeed checkpoint nor a run directory with checkpoints/last.ckpt")
+        candidates = run_checkpoints(path) or run_checkpoints(path.parent, path)  # a run, or its checkpoints/
+        newest = newest_checkpoint(candidates, warn=warn)
+        if newest is None:
+            raise CheckpointError(f"{path} is neither a DeepSpeed checkpoint nor a run directory with a readable "
+                                  "checkpoint (checkpoints/*.ckpt or hpc_ckpt_*.ckpt)")
+        return newest
     return path
 
 
 # ---- writing ------------------------------------------------------------------------------------
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """`torch.save` to ``path`` via a temp file + fsync + rename in the same directory."""
+    """`torch.save` to ``path`` via a staging file + fsync + rename in the same directory.
+
+    A full disk (or quota) ends in `DiskFullError`, one line with the path, the free space and the
+    checkpoint's size, instead of torch's "[enforce fail at inline_container.cc] unexpected pos".
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=staging_prefix(path, "tmp"), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if _out_of_space(e):
+            free = shutil.disk_usage(path.parent).free
+            raise DiskFullError(
+                f"no space left on the device writing {path}: {free / 1e9:.2f} GB free there, the checkpoint needs "
+                f"about {_tensor_bytes(obj) / 1e9:.2f} GB; earlier checkpoints are intact. Free space (or copy the run "
+                "directory to a bigger disk: runs are relocatable) and resume with --ckpt_path last") from None
         raise
+
+
+def _out_of_space(error: BaseException) -> bool:
+    """ENOSPC/EDQUOT anywhere in the chain (torch wraps the OSError in a RuntimeError)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def checkpoint_metadata(stage: Stage, model: Any, tokenizer_files: dict, tokenizer_fingerprint: str | None) -> dict:

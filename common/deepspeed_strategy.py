@@ -13,7 +13,7 @@ What else this class decides, so it is decided once:
   DeepSpeed config as well is refused instead of silently picking one.
 * A checkpoint is a directory (each rank writes its own shard). It is written under
   ``<path>.partial`` and renamed into place when every rank is done, so a job killed mid-save
-  leaves the previous checkpoint intact.
+  leaves the previous checkpoint intact (the next start removes the partial: common/run_dir.py).
 * DeepSpeed reads its checkpoints back with ``torch.load(weights_only=True)`` here
   (its own engine would unpickle arbitrary objects).
 """
@@ -21,7 +21,6 @@ What else this class decides, so it is decided once:
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -32,6 +31,8 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.fabric.utilities.seed import reset_seed
+
+from common.staging import swap_into_place
 
 # Our systems override `configure_gradient_clipping` to log the norm; under DeepSpeed they skip
 # clipping (DeepSpeed clips with trainer.gradient_clip_val), so Lightning's warning is moot.
@@ -130,7 +131,7 @@ class ZeroStrategy(LightningDeepSpeedStrategy):
         super().save_checkpoint(checkpoint, partial, storage_options)
         self.barrier("zero_save_written")
         if self.is_global_zero:
-            _replace_dir(partial, filepath)
+            swap_into_place(partial, filepath)
         self.barrier("zero_save_done")
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
@@ -162,18 +163,6 @@ def generation_needs_sync(trainer: Any) -> bool:
     """ZeRO-3 on several ranks: weights are gathered collectively in every forward, so all ranks
     must call ``generate`` together and keep stepping until all are done (``synced_gpus``)."""
     return bool(getattr(trainer.strategy, "zero_stage_3", False)) and trainer.world_size > 1
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move directory ``src`` to ``dst``; at every moment a complete ``dst`` or ``dst.old`` exists."""
-    old = dst.with_name(dst.name + ".old")
-    if dst.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def _weights_only_checkpoint_engine(engine: Any) -> Any:

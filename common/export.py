@@ -12,7 +12,6 @@ export reloads what it wrote and compares logits before it declares success.
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from jsonargparse import CLI
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, GenerationConfig, PreTrainedModel
 
 from common.checkpoints import CheckpointError, check_lmtrain_checkpoint, load_any_checkpoint, resolve_checkpoint
+from common.staging import describe_removed, remove_stale, staging_path, swap_into_place
 from common.tokenizer import tokenizer_from_files
 
 # model kind -> the HF auto class that builds and loads it (gpt2, t5, bart, marian, our RNNs, ...)
@@ -53,7 +53,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, overwrite: bool = False, ve
 
     Args:
         checkpoint: A `.ckpt` file, a DeepSpeed ZeRO checkpoint directory, or a run directory (uses
-            its checkpoints/last.ckpt).
+            its checkpoint with the most progress, whatever its name).
         out_dir: Output directory (config, safetensors weights, tokenizer, generation config).
         overwrite: Replace ``out_dir`` if it exists (it is only replaced once the export succeeded).
         verify: Reload the written directory and compare logits with the checkpoint's model.
@@ -75,15 +75,17 @@ def export_checkpoint(checkpoint: str, out_dir: str, overwrite: bool = False, ve
         max_new_tokens=64,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    removed = remove_stale(out.parent, {out.name})
+    if removed:
+        print(describe_removed(removed, "staging folder(s) of killed exports"))
+    tmp = staging_path(out, "export")
+    shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if verify:
             _verify_export(model, tmp, meta["kind"])
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -14,7 +14,13 @@ from collections.abc import Callable
 from typing import TypeVar
 
 T = TypeVar("T")
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
+
+
+class DiskFullError(OSError):
+    """The disk filled up while writing; the message says where, how much is free and what was needed."""
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, DiskFullError)
 
 
 def report_user_errors(entry_point: Callable[[], T]) -> T:

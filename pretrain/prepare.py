@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from common.staging import describe_removed, remove_stale, staging_path, swap_into_place
 from pretrain.corpus import (
     CorpusConfig,
     ResolvedSource,
@@ -103,20 +104,6 @@ def _existing(out_dir: Path, inputs: dict, tok: Any, overwrite: bool) -> dict | 
     return manifest
 
 
-def _swap(tmp: Path, out_dir: Path) -> None:
-    """Replace out_dir by tmp with renames (the old corpus survives until the new one is complete)."""
-    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-    if out_dir.exists():
-        out_dir.rename(old)
-    try:
-        tmp.rename(out_dir)
-    except OSError:
-        if old.exists():
-            old.rename(out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def prepare_corpus(config: CorpusConfig, overwrite: bool = False) -> dict:
     """Build (or reuse) the token shards of ``config`` in ``config.out_dir``; returns the manifest.
 
@@ -140,13 +127,16 @@ def prepare_corpus(config: CorpusConfig, overwrite: bool = False) -> dict:
         # Parallelism comes from processes; Rust threads in forked workers would only warn/deadlock.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.building-{os.getpid()}"
+    removed = remove_stale(out_dir.parent, {out_dir.name})
+    if removed:
+        log.info(describe_removed(removed, "staging folder(s) of killed builds"))
+    tmp = staging_path(out_dir, "building")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         manifest = build_corpus(config, resolved, tok, inputs, tmp)
         shutil.rmtree(tmp / ".hf_cache", ignore_errors=True)
-        _swap(tmp, out_dir)
+        swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.slurm import check_slurm_allocation, newest_checkpoint, resume_candidates
+from common.checkpoints import newest_checkpoint, run_checkpoints
+from common.slurm import check_slurm_allocation
 from common.slurm_submit import main as submit_main
 from common.slurm_submit import parse_time_limit
 
@@ -208,21 +209,21 @@ def _ckpt(path: Path, step: int, mtime: float | None = None) -> Path:
 
 def test_newest_checkpoint_by_global_step(tmp_path: Path) -> None:
     run, now = tmp_path / "run", time.time()
-    assert newest_checkpoint(resume_candidates(run / "checkpoints", run)) is None
+    assert newest_checkpoint(run_checkpoints(run)) is None
     last = _ckpt(run / "checkpoints" / "last.ckpt", 8, mtime=now)
-    assert newest_checkpoint(resume_candidates(run / "checkpoints", run)) == last
+    assert newest_checkpoint(run_checkpoints(run)) == last
     # Signal-time checkpoints after last.ckpt: the highest step wins, whatever the mtimes say
     # (a copied run directory has fresh mtimes).
     _ckpt(run / "hpc_ckpt_1.ckpt", 5, mtime=now + 10)
     hpc2 = _ckpt(run / "hpc_ckpt_2.ckpt", 11, mtime=now - 10)
     _ckpt(run / "hpc_ckpt_10.ckpt", 9, mtime=now + 20)
     (run / "hpc_ckpt_x.ckpt").write_text("not ours")
-    assert [p.name for p in resume_candidates(run / "checkpoints", run)] == [
+    assert [p.name for p in run_checkpoints(run)] == [
         "last.ckpt", "hpc_ckpt_1.ckpt", "hpc_ckpt_2.ckpt", "hpc_ckpt_10.ckpt"]
-    assert newest_checkpoint(resume_candidates(run / "checkpoints", run)) == hpc2
+    assert newest_checkpoint(run_checkpoints(run)) == hpc2
     # last.ckpt catches up: it wins, also on a tie (written at a step boundary, after validation).
     _ckpt(last, 11)
-    assert newest_checkpoint(resume_candidates(run / "checkpoints", run)) == last
+    assert newest_checkpoint(run_checkpoints(run)) == last
 
 
 def test_newest_checkpoint_skips_unreadable_files(tmp_path: Path) -> None:
@@ -230,26 +231,27 @@ def test_newest_checkpoint_skips_unreadable_files(tmp_path: Path) -> None:
     last = _ckpt(run / "checkpoints" / "last.ckpt", 4)
     (run / "hpc_ckpt_1.ckpt").write_bytes(b"truncated")
     warnings: list[str] = []
-    assert newest_checkpoint(resume_candidates(run / "checkpoints", run), warn=warnings.append) == last
+    assert newest_checkpoint(run_checkpoints(run), warn=warnings.append) == last
     assert len(warnings) == 1 and "hpc_ckpt_1.ckpt" in warnings[0]
 
 
-def test_newest_checkpoint_directories_by_mtime(tmp_path: Path) -> None:
-    """DeepSpeed checkpoints are directories: never loaded, compared by their newest file's mtime."""
+def test_newest_checkpoint_directories_by_step(tmp_path: Path) -> None:
+    """DeepSpeed checkpoints are directories: compared by the step in their client state, like
+    files (their mtimes are reset by a copy too)."""
     run, now = tmp_path / "run", time.time()
-    last = run / "checkpoints" / "last.ckpt"
-    (last / "checkpoint").mkdir(parents=True)
-    shard = last / "checkpoint" / "mp_rank_00_model_states.pt"
-    shard.write_bytes(b"x")
-    os.utime(shard, (now - 100, now - 100))
-    hpc = run / "hpc_ckpt_1.ckpt"
-    (hpc / "checkpoint").mkdir(parents=True)
-    (hpc / "checkpoint" / "mp_rank_00_model_states.pt").write_bytes(b"x")
-    read = []
-    assert newest_checkpoint(resume_candidates(run / "checkpoints", run), read_step=read.append) == hpc
-    os.utime(shard, (now + 100, now + 100))
-    assert newest_checkpoint(resume_candidates(run / "checkpoints", run), read_step=read.append) == last
-    assert read == []  # nothing was loaded
+
+    def zero_dir(path: Path, step: int, mtime: float) -> Path:
+        (path / "checkpoint").mkdir(parents=True)
+        states = path / "checkpoint" / "mp_rank_00_model_states.pt"
+        torch.save({"global_step": step, "module": {}}, states)
+        (path / "latest").write_text("checkpoint")
+        os.utime(states, (mtime, mtime))
+        return path
+
+    last = zero_dir(run / "checkpoints" / "last.ckpt", 6, now + 100)
+    hpc = zero_dir(run / "hpc_ckpt_1.ckpt", 9, now - 100)
+    assert newest_checkpoint(run_checkpoints(run)) == hpc  # more steps, although older by mtime
+    assert newest_checkpoint([last]) == last
 
 
 # --- inside a job: devices x nodes must match the tasks SLURM started ------------------------------------
