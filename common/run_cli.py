@@ -4,26 +4,28 @@ A run lives in ``trainer.default_root_dir``: its resolved ``config.yaml``, ``che
 best-k by the monitored metric) and ``wandb/``. What this base class decides once for both stages:
 precision by hardware, clipping on, W&B online-or-offline in the run directory, atomic
 weights-only checkpoint files, the global batch logged, one-line errors for bad trainer settings,
-and ``fit --ckpt_path last`` resuming from the newest of ``last.ckpt`` and SLURM's
-``hpc_ckpt_*.ckpt`` while continuing the same W&B run.
+and ``fit --ckpt_path last`` resuming from the checkpoint with the most progress (any name, SLURM's
+``hpc_ckpt_*.ckpt`` included) while continuing the same W&B run. The run directory's guarantees
+(relocatable, config kept, tidied after kills) are in common/run_dir.py.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from common.checkpoints import AtomicCheckpointIO, load_checkpoint_file
-from common.global_batch import GlobalBatchLogger
-from common.slurm import check_slurm_allocation, hpc_checkpoints, newest_checkpoint, resume_candidates
 from lightning.pytorch.loggers import WandbLogger
 
+from common.checkpoints import AtomicCheckpointIO, hpc_checkpoints, load_checkpoint_file, run_checkpoints
+from common.global_batch import GlobalBatchLogger
+from common.run_dir import RunCheckpoint, SaveRunConfig, newest_run_checkpoint
+from common.slurm import check_slurm_allocation
 from common.wandb_logger import resume_wandb_run
 
 
@@ -55,9 +57,14 @@ class RunCLI(LightningCLI):
     monitor_mode = "min"
     checkpoint_filename = "step{step:07d}-val_loss{val/loss:.4f}"
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("save_config_callback", SaveRunConfig)  # written once training starts, never over
+        super().__init__(*args, **kwargs)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults({
+            "checkpoint.enable_version_counter": False,  # never last-v1.ckpt beside a stale last.ckpt
             "checkpoint.monitor": self.monitor,
             "checkpoint.mode": self.monitor_mode,
             "checkpoint.save_top_k": 3,
@@ -116,11 +123,12 @@ class RunCLI(LightningCLI):
         # Inside a SLURM job: one process per task, checked before Lightning's launcher would fail.
         check_slurm_allocation(self.trainer.num_devices, self.trainer.num_nodes)
         ckpt_path = self.config.fit.get("ckpt_path")
-        last = Path(self.trainer.checkpoint_callback.dirpath) / "last.ckpt"
-        if ckpt_path is None and last.exists() and not self.trainer.fast_dev_run:
-            # Lightning would write last-v1.ckpt beside it, and `--ckpt_path last` / exports would
-            # then silently pick the old run's last.ckpt.
-            raise FileExistsError(f"{last} exists: this run directory holds a previous run. Resume it with "
+        checkpoint_dir = self.trainer.checkpoint_callback.dirpath
+        existing = run_checkpoints(self.trainer.default_root_dir, checkpoint_dir)
+        if ckpt_path is None and existing and not self.trainer.fast_dev_run:
+            # A fresh start would mix its checkpoints with the old run's, and `--ckpt_path last` /
+            # export would then pick whichever holds more steps.
+            raise FileExistsError(f"{existing[0]} exists: this run directory holds a previous run. Resume it with "
                                   "--ckpt_path last, or set a new trainer.default_root_dir")
         resolved = self._resolve_ckpt_path(ckpt_path)
         if ckpt_path == "last":
@@ -146,8 +154,9 @@ class RunCLI(LightningCLI):
                     logger.experiment.finish()
 
     def _resolve_ckpt_path(self, ckpt_path: str | None) -> Path | None:
-        """"last": the newest of checkpoints/last.ckpt and <run>/hpc_ckpt_*.ckpt (a SLURM requeue after
-        the warning signal leaves the latter; see common.slurm); "hpc": the highest-numbered hpc one."""
+        """"last": the most progress among the run's checkpoints (checkpoints/*.ckpt and the
+        hpc_ckpt_*.ckpt a SLURM requeue after the warning signal leaves; see common.slurm), skipping
+        unreadable ones; "hpc": the highest-numbered hpc one."""
         if ckpt_path in (None, "best", "registry"):
             return None
         run_dir = self.trainer.default_root_dir
@@ -155,5 +164,5 @@ class RunCLI(LightningCLI):
             hpc = hpc_checkpoints(run_dir)
             return hpc[-1] if hpc else None
         if ckpt_path == "last":
-            return newest_checkpoint(resume_candidates(self.trainer.checkpoint_callback.dirpath, run_dir))
+            return newest_run_checkpoint(self.trainer.checkpoint_callback.dirpath, run_dir)
         return Path(ckpt_path)

@@ -5,7 +5,11 @@
   ``<save_dir>/wandb/offline-run-*`` and ``wandb sync <dir>`` uploads them later. Without a key,
   wandb itself would fail with "No API key configured".
 * The run id is written into every checkpoint (`common.system.LMSystem`), and a resumed fit reads it
-  back (`resume_wandb_run`) so the same W&B run continues instead of a new one starting.
+  back (`resume_wandb_run`) so the same W&B run continues instead of a new one starting. The id is
+  chosen when the logger is made, so even the first checkpoint carries it.
+* The W&B run starts with the first logged value, not in Lightning's setup hook: a command refused
+  after setup (a checkpoint of another model, a bad optimizer setting) leaves no empty run segment,
+  and offline segments of one id would replace each other on `wandb sync`.
 """
 
 from __future__ import annotations
@@ -63,6 +67,11 @@ class AutoWandbLogger(WandbLogger):
             mode = os.environ.get("WANDB_MODE") or ("online" if wandb_api_key_configured() else "offline")
         self.mode = mode
         Path(save_dir).mkdir(parents=True, exist_ok=True)
+        if id is None and mode != "disabled":
+            from wandb.sdk.lib.runid import generate_id  # W&B's own id format
+
+            id = generate_id()
+        self._pending_hparams: list[Any] = []
         super().__init__(
             project=project,
             name=name,
@@ -76,6 +85,45 @@ class AutoWandbLogger(WandbLogger):
             **kwargs,
         )
         self._wandb_init.pop("anonymous", None)  # deprecated in wandb; passing it only prints a warning
+
+    @property
+    def experiment(self) -> Any:
+        if self._experiment is None and self._pending_hparams is not None:
+            # Lightning's setup hook starts the run with `hasattr(logger, "experiment")`: an
+            # AttributeError tells it "not yet". Logging calls start it (`_start`).
+            raise AttributeError("the W&B run starts with the first logged value")
+        return WandbLogger.experiment.fget(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        self._start()  # ddp_spawn pickles the logger after starting the run, to attach to it in workers
+        return super().__getstate__()
+
+    def _start(self) -> None:
+        pending, self._pending_hparams = self._pending_hparams, None
+        for params in pending or ():
+            super().log_hyperparams(params)
+
+    def log_hyperparams(self, params: Any) -> None:
+        if self._pending_hparams is not None:  # sent when the run starts (the request may still be refused)
+            self._pending_hparams.append(params)
+        else:
+            super().log_hyperparams(params)
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        self._start()
+        super().log_metrics(metrics, step)
+
+    def log_table(self, *args: Any, **kwargs: Any) -> None:
+        self._start()
+        super().log_table(*args, **kwargs)
+
+    def log_text(self, *args: Any, **kwargs: Any) -> None:
+        self._start()
+        super().log_text(*args, **kwargs)
+
+    def log_image(self, *args: Any, **kwargs: Any) -> None:
+        self._start()
+        super().log_image(*args, **kwargs)
 
     def resume(self, run_id: str) -> None:
         """Continue run ``run_id``; must be called before the first log (wandb.init is lazy)."""

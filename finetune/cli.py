@@ -4,7 +4,7 @@
 ``trainer.val_check_interval`` steps and keeping the best checkpoints by ``val/score``.
 `evaluate` (Lightning's `test`, under the name users look for) scores a model zero- or few-shot (``--data.shots k``) on the task's
 test split without training, and writes ``<run dir>/eval/<task>-<split>-<k>shot/``: results.json,
-results.md, predictions.jsonl and prompts-<split>.jsonl, plus a W&B table.
+results.md, predictions.jsonl, prompts-<split>.jsonl and the command's config.yaml, plus a W&B table.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser
 
 from common.run_cli import RunCLI
+from common.run_dir import SaveRunConfig
 from finetune.attention_plots import AttentionPlots
 from finetune.data import FinetuneDataModule
 from finetune.results import log_wandb_table, write_results
@@ -86,6 +87,9 @@ class FinetuneCLI(RunCLI):
         items = datamodule.eval_items[stage]
         write_results(results, items, out)
         datamodule.dump_prompts(stage, out)
+        # The command that made these scores, beside them (the run's own config.yaml is left alone).
+        saver = next(cb for cb in self.trainer.callbacks if isinstance(cb, SaveRunConfig))
+        (out / "config.yaml").write_text(saver.dump(), encoding="utf-8")
         log_wandb_table(self.trainer.loggers, results, items, key=f"eval/{name}")
         print((out / "results.md").read_text() + f"\nwritten to {out}")
 
@@ -97,7 +101,6 @@ def main(args: list[str] | None = None) -> FinetuneCLI:
         trainer_class=FinetuneTrainer,
         parser_kwargs={"prog": "lmtrain finetune"},
         seed_everything_default=1234,
-        save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
         load_from_checkpoint_support=False,
         args=args,

@@ -100,6 +100,9 @@ class FinetuneDataModule(LightningDataModule):
             raise ValueError(f"data.shots must be >= 0, got {shots}")
         if max_target_length < 2:
             raise ValueError(f"data.max_target_length must be >= 2 (a token and EOS), got {max_target_length}")
+        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value < 1:
+                raise ValueError(f"data.{key} must be >= 1, got {value}")
         self.task_name = task
         self.task: TaskConfig = load_task(task)  # fails fast: unknown keys, columns, template fields
         self.shots, self.seed, self.num_workers = shots, seed, num_workers

@@ -41,7 +41,6 @@ def main(args: list[str] | None = None) -> PretrainCLI:
         subclass_mode_model=True,
         parser_kwargs={"prog": "lmtrain pretrain"},
         seed_everything_default=1234,
-        save_config_kwargs={"overwrite": True},  # a resumed run rewrites the same config.yaml
         auto_configure_optimizers=False,  # the system builds AdamW + schedule itself
         load_from_checkpoint_support=False,  # keep hyper-parameters primitive (weights_only loads)
         args=args,

@@ -65,6 +65,10 @@ class PretrainDataModule(L.LightningDataModule):
             raise ValueError(f"data.objective must be 'causal_lm' or 'span_corruption', got {objective!r}")
         if num_sentinels < 1:
             raise ValueError(f"data.num_sentinels must be >= 1, got {num_sentinels}")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if block_size < 2:
+            raise ValueError(f"data.block_size must be >= 2 (an input and its next token), got {block_size}")
         self.corpus, self.block_size, self.batch_size = corpus, block_size, batch_size
         self.num_workers, self.seed, self.objective = num_workers, seed, objective
         self.noise_density, self.mean_noise_span_length = noise_density, mean_noise_span_length
