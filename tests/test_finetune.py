@@ -96,9 +96,13 @@ def test_fine_tune_released_checkpoint_then_evaluate_and_export(kind: str, tiny:
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert "last.ckpt" in ckpts and any(n.startswith("step0000004-score") for n in ckpts), ckpts
 
-    # The fine-tuned checkpoint is a valid --model.init, and exports to an HF directory.
-    again = _evaluate(run / "checkpoints" / "last.ckpt", task, tmp_path / "eval", shots=0, n=3)
+    # The fine-tuned checkpoint is a valid --model.init, and exports to an HF directory. Evaluated
+    # in the training run's directory, it leaves the run's config.yaml alone and records its own.
+    fit_config = (run / "config.yaml").read_bytes()
+    again = _evaluate(run / "checkpoints" / "last.ckpt", task, run, shots=0, n=3)
     assert again.results["n_prompts"] == 3
+    assert (run / "config.yaml").read_bytes() == fit_config and not list(run.glob("config-*.yaml"))
+    assert "shots: 0" in (run / "eval" / f"capitals-{again.results['split']}-0shot" / "config.yaml").read_text()
     from common.export import export_checkpoint
 
     out = export_checkpoint(str(run / "checkpoints" / "last.ckpt"), str(tmp_path / "hf"))
