@@ -99,13 +99,14 @@ def log_history(history: History, out_dir: Path, mode: str) -> str:
     meta = history.segments[-1] if history.segments else {}
     if mode == "offline":
         # Two offline dirs of one id would replace each other on upload: keep only the new one.
-        for old in (out_dir / "wandb").glob(f"offline-run-*-{history.run_id}"):
-            shutil.rmtree(old)
+        # (wandb adds "-<n>" to a directory name it already used, e.g. two starts in one second.)
+        for pattern in (f"offline-run-*-{history.run_id}", f"offline-run-*-{history.run_id}-*"):
+            for old in (out_dir / "wandb").glob(pattern):
+                shutil.rmtree(old)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # The segments' own "segment" / "resumed_from_step" (set per process) become these two.
     config = {**history.config, "synced_segments": len(history.segments),
               "resumed_from_steps": history.resumed_from_steps}
-    config.pop("segment", None)  # per-process values (the segment marker); the list above replaces them
-    config.pop("resumed_from_step", None)
     run = wandb.init(id=history.run_id, project=meta.get("project") or "lmtrain", entity=meta.get("entity"),
                      name=meta.get("name"), tags=meta.get("tags"), config=config, dir=str(out_dir), mode=mode,
                      resume="allow", reinit="create_new")

@@ -59,6 +59,9 @@ def test_sync_logs_one_continuous_offline_run(tmp_path: Path, capsys: pytest.Cap
     assert rows[1]["val"] == 0.95
     config = config_values(out_dir / "run-a.wandb")
     assert config["lr"] == 0.2 and config["synced_segments"] == 3 and config["resumed_from_steps"] == [4, 6]
+    # Synced again: the new merged run replaces the old one (two of one id would collide on upload).
+    again = Path(sync_main([str(tmp_path), "--mode", "offline", "--run_id", "a"])["a"])
+    assert list((tmp_path / "synced" / "wandb").glob("offline-run-*")) == [again]
 
 
 @pytest.mark.parametrize("setup, argv_tail, message", [
