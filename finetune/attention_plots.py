@@ -19,6 +19,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
+from common.wandb_logger import logging_step
+
 HeadMode = Literal["mean", "all"]
 
 
@@ -182,5 +184,5 @@ class AttentionPlots(pl.Callback):
             return
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image(key="attention", images=[str(p) for p in paths], step=trainer.global_step)
+                logger.log_image(key="attention", images=[str(p) for p in paths], step=logging_step(trainer))
 

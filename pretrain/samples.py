@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from common.deepspeed_strategy import generation_needs_sync
+from common.wandb_logger import logging_step
 
 DEFAULT_PROMPTS: tuple[str, ...] = ("The", "In the beginning", "First Citizen:")
 
@@ -111,8 +112,9 @@ class GenerationSamples(pl.Callback):
         columns = list(rows[0])
         wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
         for logger in wandb_loggers:
+            # At the step of the validation metrics they go with (rows keep trainer.global_step).
             logger.log_text(key="samples", columns=columns, data=[[str(r[c]) for c in columns] for r in rows],
-                            step=trainer.global_step)
+                            step=logging_step(trainer))
         if not wandb_loggers:
             for r in rows:
                 rank_zero_info(f"[sample step {r['step']}] " + " | ".join(f"{c}: {r[c]!r}" for c in columns[1:]))

@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from common.checkpoints import AtomicCheckpointIO
+from common.metrics_log import read_metrics_log
 from common.user_errors import report_user_errors
 from pretrain.cli import main as pretrain_cli
 from tests.tiny_run import write_corpus, write_run_config
+from tests.wandb_records import history_rows, run_files
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = REPO / "configs" / "pretrain"
@@ -40,6 +42,21 @@ def test_fit_writes_run_directory_and_validate_reads_it(tmp_path: Path) -> None:
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert "last.ckpt" in ckpts and any(name.startswith("step0000004-val_loss") for name in ckpts), ckpts
     assert list((run / "wandb").glob("offline-run-*")), "W&B must log offline without an API key"
+    # Every log call carries trainer/global_step, in W&B's file and in metrics.jsonl (the record
+    # that survives a kill), and the samples table sits at the step of the validation it follows.
+    (run_file,) = run_files(run)
+    wandb_rows = history_rows(run_file)
+    assert wandb_rows and all(isinstance(r.get("trainer/global_step"), int) for r in wandb_rows), wandb_rows
+    val_steps = {r["trainer/global_step"] for r in wandb_rows if "val/loss" in r}
+    sample_steps = {r["trainer/global_step"] for r in wandb_rows if any(k.startswith("samples/") for k in r)}
+    assert val_steps == {1, 3} and val_steps <= sample_steps, (val_steps, sample_steps)
+    log = read_metrics_log(run / "metrics.jsonl")
+    run_id = run_file.name[len("run-"):-len(".wandb")]
+    assert [(r["segment"], r["resumed_from_step"]) for r in log if r["kind"] == "segment"] == [(1, None)]
+    assert {r["run_id"] for r in log} == {run_id}
+    logged = [r for r in log if r["kind"] == "metrics"]
+    assert len(logged) == len(wandb_rows)
+    assert [r["step"] for r in logged] == [r["trainer/global_step"] for r in wandb_rows]
     metrics = cli.trainer.callback_metrics
     assert torch.isclose(metrics["val/ppl"], metrics["val/loss"].exp())
     assert {"train/loss", "train/ppl", "train/lr", "train/grad_norm"} <= metrics.keys()

@@ -30,6 +30,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from common.checkpoints import consolidated_state_dict, is_zero_checkpoint
+from common.metrics_log import read_metrics_log
 from pretrain.shards import RandomBlocks, TokenStream
 from tests.distributed_probe import probe_logits
 from tests.tiny_run import write_run_config
@@ -152,8 +153,11 @@ def test_ddp_two_processes_shard_data_reduce_metrics_and_write_checkpoints_once(
     assert names[0] == "last.ckpt" and len(names) == 3, names
     assert all(n.startswith("step0000004-") or n.startswith("step0000008-") for n in names[1:]), names
     assert "x 2 (world size) = 8 sequences = 256 corpus tokens (32 per sequence)" in (run_dir / "output.txt").read_text()
-    # One W&B run, logged by rank 0 only.
+    # One W&B run, logged by rank 0 only; so is metrics.jsonl: one segment, each train row once.
     assert len(list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
+    log = read_metrics_log(run_dir / "metrics.jsonl")
+    assert [r["segment"] for r in log if r["kind"] == "segment"] == [1]
+    assert [r["step"] for r in log if "train/loss" in r.get("metrics", {})] == [1, 3, 5, 7]
 
 
 def test_ddp_resume_after_sigkill_matches_uninterrupted_run(runs: Runs, tmp_path: Path) -> None:

@@ -38,8 +38,10 @@ def tiny_gpt2(tokenizer) -> GPT2LMHeadModel:
 
 
 def fake(step: int, model, tokenizer, loggers=(), sanity=False, rank0=True):
+    # Lightning logs a validation after step N at logging step N - 1 (common.wandb_logger.logging_step).
     trainer = SimpleNamespace(global_step=step, sanity_checking=sanity, is_global_zero=rank0,
-                              loggers=list(loggers), strategy=SimpleNamespace())
+                              loggers=list(loggers), strategy=SimpleNamespace(),
+                              fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=step - 1)))
     return trainer, SimpleNamespace(model=model, tokenizer=tokenizer)
 
 
@@ -97,6 +99,7 @@ def test_wandb_table(tokenizer):
         *fake(5, model, tokenizer, loggers=[wandb]))
     (call,) = wandb.calls
     assert call["key"] == "samples" and call["columns"] == ["step", "prompt", "completion"]
+    assert call["step"] == 4  # beside the validation metrics of step 5, which Lightning logs at 4
     assert [row[:2] for row in call["data"]] == [["5", "The"], ["5", "In the beginning"],
                                                   ["5", "First Citizen:"]]
 
