@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +119,57 @@ def test_changed_inputs_are_refused_with_the_difference(built):
     config, _ = built
     with pytest.raises(ValueError, match="val_fraction"):
         prepare_corpus(CorpusConfig(**{**config.__dict__, "val_fraction": 0.3}))
+
+
+def test_touched_or_recopied_inputs_are_reused_and_changed_bytes_are_refused(built, tiny_corpus_files, tmp_path,
+                                                                            caplog: pytest.LogCaptureFixture):
+    """Issue 12, defect 7: inputs are compared by content; a new mtime alone used to refuse the corpus."""
+    config, manifest = built
+    out, txt, jsonl = Path(config.out_dir), tiny_corpus_files["txt"], tiny_corpus_files["jsonl"]
+    before = _mtimes(out)
+    stat = txt.stat()
+    os.utime(txt, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))  # touch
+    shutil.copyfile(jsonl, tmp_path / "copy.jsonl")
+    shutil.copyfile(tmp_path / "copy.jsonl", jsonl)  # re-copied: same bytes, new mtime
+    assert (txt.stat().st_mtime_ns, jsonl.stat().st_mtime_ns) != (stat.st_mtime_ns, manifest["inputs"]["spec"][
+        "sources"][2]["files"][0]["mtime_ns"])
+    with caplog.at_level(logging.INFO, logger="pretrain.prepare"):
+        assert prepare_corpus(config) == manifest  # reused, not rebuilt
+    assert _mtimes(out) == before
+    assert "2 input file(s) have a new modification time or path but the same content" in caplog.text
+
+    data = txt.read_bytes()
+    txt.write_bytes(data[:5] + (b"Q" if data[5:6] != b"Q" else b"R") + data[6:])  # one byte, same size
+    with pytest.raises(ValueError, match=rf"holds a corpus built from other inputs:\n  sources\[0\]: {txt} "
+                                         r"changed since the build \(content differs\)"):
+        prepare_corpus(config)
+    txt.write_bytes(data + b"more\n")
+    with pytest.raises(ValueError, match=rf"sources\[0\]: {txt} changed since the build \(size "):
+        prepare_corpus(config)
+    assert _mtimes(out) == before
+
+
+def test_corpus_prepared_before_content_hashes_keeps_the_old_rule(built, tiny_corpus_files):
+    """A manifest without hashes still loads: reused while path, size and mtime match, refused with a
+    note on the rebuild that records hashes once a file is touched."""
+    from pretrain.prepare import digest
+
+    config, manifest = built
+    path = Path(config.out_dir) / "manifest.json"
+    spec = manifest["inputs"]["spec"]
+    for source in spec["sources"]:
+        for entry in source["files"]:
+            del entry["content"]
+    manifest["inputs"] = {"fingerprint": digest(spec), "spec": spec}  # what earlier versions wrote
+    path.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    assert prepare_corpus(config) == manifest
+    txt = tiny_corpus_files["txt"]
+    os.utime(txt, ns=(txt.stat().st_atime_ns, txt.stat().st_mtime_ns + 5_000_000_000))
+    with pytest.raises(ValueError, match=r"(?s)modification time or path differs.*prepared before content hashes"):
+        prepare_corpus(config)
+    rebuilt = prepare_corpus(config, overwrite=True)
+    assert rebuilt["inputs"]["file_identity"] == "sha256-content"
+    assert rebuilt["splits"] == manifest["splits"]  # the same data gives the same shards
 
 
 def test_missing_file_is_named(tiny_corpus_files, tmp_path):
