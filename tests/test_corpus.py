@@ -172,6 +172,29 @@ def test_corpus_prepared_before_content_hashes_keeps_the_old_rule(built, tiny_co
     assert rebuilt["splits"] == manifest["splits"]  # the same data gives the same shards
 
 
+def test_large_inputs_are_hashed_by_size_and_sampled_blocks(tmp_path, monkeypatch):
+    import pretrain.input_files as files
+
+    monkeypatch.setattr(files, "FULL_HASH_MAX", 1000)
+    monkeypatch.setattr(files, "BLOCK", 16)
+    monkeypatch.setattr(files, "N_BLOCKS", 4)  # blocks at 0, 1328, 2656, 3984 of a 4000-byte file
+    path = tmp_path / "big.txt"
+    data = bytearray(b"x" * 4000)
+    path.write_bytes(data)
+    sampled = files.content_hash(path)
+    assert sampled.startswith("sha256-sampled:")
+    data[1330] = ord("y")  # inside a sampled block
+    path.write_bytes(data)
+    assert files.content_hash(path) != sampled
+    data[1330], data[500] = ord("x"), ord("y")  # between blocks, same size: not seen (the documented price)
+    path.write_bytes(data)
+    assert files.content_hash(path) == sampled
+    path.write_bytes(data + b"z")
+    assert files.content_hash(path) != sampled
+    path.write_bytes(b"x" * 1000)
+    assert files.content_hash(path).startswith("sha256:")  # up to FULL_HASH_MAX: the whole file
+
+
 def test_missing_file_is_named(tiny_corpus_files, tmp_path):
     config = _config(tiny_corpus_files, tmp_path / "out")
     config.sources.append(CorpusSource(local="no/such/file.txt"))
