@@ -32,6 +32,7 @@ from pretrain.corpus import (
     ResolvedSource,
     check_config,
     check_text_column,
+    check_text_files,
     ensure_both_splits,
     holdout_mask,
     load_source,
@@ -210,6 +211,8 @@ def build_corpus(config: CorpusConfig, resolved: list[ResolvedSource], tok: Any,
     from common.tokenizer import tokenizer_fingerprint, train_bpe_tokenizer
 
     (tmp / ".hf_cache").mkdir()
+    for res in resolved:  # every source's bytes before any is loaded: a bad file fails in seconds
+        check_text_files(res)
     has_val_source = any(r.source.role == "val" for r in resolved)
     loaded = []  # (resolved, dataset, streamed)
     for res in resolved:

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -201,6 +202,30 @@ def test_missing_file_is_named(tiny_corpus_files, tmp_path):
     with pytest.raises(FileNotFoundError, match="no/such/file.txt"):
         prepare_corpus(config)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"", r"sources\[1\]: empty file\(s\) \(0 bytes\) \['\S+/bad.txt'\]: restore them"),
+    (b"fine line\ncaf\xe9 au lait\n", r"sources\[1\]: \S+/bad.txt: byte b'\\xe9' at offset 13 \(line 2\) is not UTF-8"),
+    (b"PK\x03\x04\x00\x00binary", r"sources\[1\]: \S+/bad.txt: byte b'\\x00' at offset 4 \(line 1\) is a NUL byte"),
+], ids=["empty", "latin1", "binary"])
+def test_empty_or_non_utf8_text_file_is_named_in_one_line(content: bytes, message: str, tiny_corpus_files, tmp_path,
+                                                          capsys: pytest.CaptureFixture):
+    """Issue 12, defect 6a/b: datasets' SchemaInferenceError / UnicodeDecodeError named neither file nor offset."""
+    from common.user_errors import report_user_errors
+    from pretrain.prepare import main as prepare_main
+
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(content)
+    with pytest.raises(SystemExit):
+        report_user_errors(lambda: prepare_main([
+            "--sources", f'[{{"local": "{tiny_corpus_files["txt"]}"}}, {{"local": "{bad}"}}]',
+            "--out_dir", str(tmp_path / "out"), "--num_proc", "1", "--bpe_vocab_size", "300"]))
+    err = capsys.readouterr().err
+    error, hint = err.splitlines()[-2:]  # (progress bars of the good source may come first)
+    assert error.startswith("error: ") and hint.startswith("(set LMTRAIN_DEBUG=1") and "Traceback" not in err, err
+    assert re.search(message, error), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.txt", "src"]  # nothing built, nothing left
 
 
 def test_empty_corpus_is_an_error(tmp_path):
