@@ -111,6 +111,14 @@ def test_tokenizer_larger_than_model_vocab_is_refused(tmp_path: Path, capsys: py
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_zero_val_check_interval_is_refused_at_start(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Issue 12, defect 6c: it used to end in a ZeroDivisionError once training had started."""
+    config = write_run_config(tmp_path)
+    err = _user_error(["fit", "--config", str(config), "--trainer.val_check_interval", "0"], capsys)
+    assert "trainer.val_check_interval=0" in err and "Traceback" not in err
+    assert not (tmp_path / "corpus").exists() and not (tmp_path / "run" / "checkpoints").exists()  # before any work
+
+
 @pytest.mark.integration  # a fresh `python -m pretrain` process: ~6 s of imports before the error
 def test_module_entry_point_prints_one_error_line(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "pretrain", "export", str(tmp_path / "missing.ckpt"),
