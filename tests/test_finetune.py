@@ -222,6 +222,28 @@ def test_model_tokenizer_mismatch_is_refused(tiny: dict[str, Path], tmp_path: Pa
     assert "model/tokenizer mismatch" in capsys.readouterr().err
 
 
+def test_pickle_only_model_folder_is_refused_with_the_conversion(tiny: dict[str, Path], tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    """Issue 12, defect 6d: only safetensors are loaded; a pytorch_model.bin used to end in an UnpicklingError."""
+    import numpy as np
+
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((tiny["gpt2"] / name).read_bytes())
+    weights = dict(AutoModelForCausalLM.from_pretrained(tiny["gpt2"]).state_dict())
+    weights["extra"] = np.float64(1.0)  # any non-tensor object: weights_only unpickling refuses it
+    torch.save(weights, folder / "pytorch_model.bin")
+    with pytest.raises(SystemExit):
+        report_user_errors(lambda: _evaluate(folder, "tatoeba_en_fr", tmp_path / "run"))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "UnpicklingError" not in err, err
+    assert "pytorch_model.bin" in err and "safetensors only" in err
+    assert "use_safetensors=False" in err and "save_pretrained(" in err  # how to convert it
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["config.json", "generation_config.json", "tokenizer.json",
+                                                               "tokenizer_config.json", "pytorch_model.bin"])
+
+
 def test_unknown_model_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         report_user_errors(lambda: _evaluate(tmp_path / "nothing-here", "tatoeba_en_fr", tmp_path / "run"))
