@@ -131,18 +131,24 @@ def freeze_fixed_position_tables(model: PreTrainedModel) -> None:
             module.requires_grad_(False)
 
 
-def scratch_arch(scratch: ScratchArch | dict[str, Any]) -> ScratchArch:
-    """The typed arch of ``model.scratch`` (a dict from Python or a checkpoint's hyper-parameters)."""
-    if not isinstance(scratch, dict):
-        return scratch
-    options = dict(scratch)
-    model_type = options.pop("model_type", None)
-    if model_type not in SCRATCH_ARCHS:
-        raise ValueError(f"model.scratch: model_type={model_type!r}; expected one of {sorted(SCRATCH_ARCHS)}")
-    try:
-        return SCRATCH_ARCHS[model_type](**options)
-    except TypeError as e:  # an unknown option
-        raise ValueError(f"model.scratch ({model_type}): {e}") from None
+def scratch_arch(scratch: ScratchArch | dict[str, Any], key: str = "model.scratch") -> ScratchArch:
+    """The typed, checked arch of ``model.scratch`` (or a dict from Python or a checkpoint's hyper-parameters).
+
+    Args:
+        scratch: the arch, or its options with a ``model_type``.
+        key: the config key, for errors (``models.<name>`` in a compare YAML).
+    """
+    if isinstance(scratch, dict):
+        options = dict(scratch)
+        model_type = options.pop("model_type", None)
+        if model_type not in SCRATCH_ARCHS:
+            raise ValueError(f"{key}: model_type={model_type!r}; expected one of {sorted(SCRATCH_ARCHS)}")
+        try:
+            scratch = SCRATCH_ARCHS[model_type](**options)
+        except TypeError as e:  # an unknown option
+            raise ValueError(f"{key} ({model_type}): {e}") from None
+    scratch.check(key)  # after parsing: raised inside it, jsonargparse would bury it in a Union message
+    return scratch
 
 
 def scratch_tokenizer(name: str | None, task: Any, train_split: str, vocab_size: int, run_dir: str | Path) -> Any:
