@@ -173,6 +173,23 @@ def test_corpus_prepared_before_content_hashes_keeps_the_old_rule(built, tiny_co
     assert rebuilt["splits"] == manifest["splits"]  # the same data gives the same shards
 
 
+def test_input_rewritten_during_the_build_is_refused(tiny_corpus_files, tmp_path, monkeypatch):
+    import pretrain.prepare as prep
+
+    real = prep.build_corpus
+
+    def build_then_rewrite(*args, **kwargs):
+        manifest = real(*args, **kwargs)
+        with tiny_corpus_files["txt2"].open("a", encoding="utf-8") as f:
+            f.write("a late line\n")  # its recorded hash is no longer what the shards hold
+        return manifest
+
+    monkeypatch.setattr(prep, "build_corpus", build_then_rewrite)
+    with pytest.raises(ValueError, match=r"b.txt'\] changed while the corpus was being built"):
+        prepare_corpus(_config(tiny_corpus_files, tmp_path / "corpus"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no corpus, no temp dir
+
+
 def test_large_inputs_are_hashed_by_size_and_sampled_blocks(tmp_path, monkeypatch):
     import pretrain.input_files as files
 
