@@ -1,8 +1,9 @@
 """Transformer architectures trained from scratch (pretraining, and fine-tuning's ``--model.scratch``).
 
 We do not re-implement GPT-2 or T5: `GPT2Config` -> `GPT2LMHeadModel` (SDPA attention) is the
-architecture. What lives here is the mapping from a small, typed preset (what a YAML names; bad
-values fail when the config is parsed) to the HF config, plus the vocabulary rule: the model's
+architecture. What lives here is the mapping from a small, typed preset (what a YAML names; a bad
+type or choice fails when the config is parsed, a shape that cannot be built when the run starts:
+``check``) to the HF config, plus the vocabulary rule: the model's
 vocabulary is the tokenizer's, rounded up to a multiple of 64 so the embedding/LM-head matmuls hit
 fast kernel shapes (nanoGPT: 50257 -> 50304). ``model_type`` tells the archs apart where a config
 may hold any of them (``--model.scratch {model_type: t5, d_model: 256}``).
@@ -47,12 +48,19 @@ class GPT2Arch:
     vocab_multiple: int = 64
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
 
-    def __post_init__(self) -> None:
+    def check(self, key: str = "model.arch") -> None:
+        """Raise naming ``key``, the fields and their values when this shape cannot be built.
+
+        Not ``__post_init__``: jsonargparse builds the dataclass while trying each type of a Union
+        (``GPT2Arch | None``, ``GPT2Arch | T5Arch | RNNArch``, the pretrain model's class) and
+        buries any error raised there in a "Does not validate against any of the Union subtypes"
+        message. The systems call this once parsing is done, and the builders before building.
+        """
+        _check_positive(self, key, ("n_layer", "n_head", "n_embd", "n_positions", "vocab_multiple"))
         if self.n_embd % self.n_head:
-            raise ValueError(f"model.arch: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        for name in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_multiple"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"model.arch.{name} must be >= 1, got {getattr(self, name)}")
+            raise ValueError(f"{key}: n_embd={self.n_embd} is not divisible by n_head={self.n_head} (each head "
+                             f"gets n_embd / n_head dimensions; e.g. n_head={_divisor_near(self.n_embd, self.n_head)})")
+        _check_dropout(self.dropout, key)
 
     def resolve_vocab(self, tokenizer_size: int) -> int:
         """The model vocabulary for a tokenizer of ``tokenizer_size`` ids (clear error if it cannot hold them)."""
@@ -70,8 +78,29 @@ class GPT2Arch:
         return asdict(self)
 
 
+def _check_positive(arch: object, key: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(arch, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{key}.{name} must be >= 1, got {value}")
+    vocab = getattr(arch, "vocab_size")
+    if vocab is not None and vocab < 1:
+        raise ValueError(f"{key}.vocab_size must be >= 1 (or null: sized from the tokenizer), got {vocab}")
+
+
+def _check_dropout(dropout: float, key: str) -> None:
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{key}.dropout must be in [0, 1), got {dropout}")
+
+
+def _divisor_near(width: int, heads: int) -> int:
+    """The head count nearest ``heads`` that divides ``width`` (for the error's suggestion)."""
+    return min((d for d in range(1, width + 1) if width % d == 0), key=lambda d: (abs(d - heads), d))
+
+
 def build_gpt2(arch: GPT2Arch, tokenizer_size: int, eos_id: int, pad_id: int | None) -> GPT2LMHeadModel:
     """A randomly initialised GPT2LMHeadModel for ``arch`` and a tokenizer of ``tokenizer_size`` ids."""
+    arch.check()
     config = GPT2Config(
         vocab_size=arch.resolve_vocab(tokenizer_size),
         n_positions=arch.n_positions,
@@ -131,10 +160,14 @@ class T5Arch:
     vocab_multiple: int = 64
     feed_forward_proj: Literal["gated-gelu", "relu"] = "gated-gelu"
 
-    def __post_init__(self) -> None:
-        for name in ("d_model", "d_ff", "d_kv", "num_heads", "num_layers", "vocab_multiple"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"model.arch.{name} must be >= 1, got {getattr(self, name)}")
+    def check(self, key: str = "model.arch") -> None:
+        """Raise naming ``key``, the field and its value when this shape cannot be built (why not in
+        ``__post_init__``: :meth:`GPT2Arch.check`). T5 has no divisibility rule: its attention
+        projects d_model to num_heads * d_kv, any sizes."""
+        _check_positive(self, key, ("d_model", "d_ff", "d_kv", "num_heads", "num_layers", "num_decoder_layers",
+                                    "relative_attention_num_buckets", "relative_attention_max_distance",
+                                    "vocab_multiple"))
+        _check_dropout(self.dropout, key)
 
     resolve_vocab = GPT2Arch.resolve_vocab
 
@@ -144,6 +177,7 @@ class T5Arch:
 
 def build_t5(arch: T5Arch, tokenizer_size: int, eos_id: int, pad_id: int) -> T5ForConditionalGeneration:
     """A randomly initialised T5ForConditionalGeneration; the decoder starts from the pad token, as in T5."""
+    arch.check()
     config = T5Config(
         vocab_size=arch.resolve_vocab(tokenizer_size),
         d_model=arch.d_model,

@@ -43,6 +43,14 @@ def _cpu_hint(message: str) -> str:
             "deepspeed-zero2-cpu.yaml or deepspeed-zero3-cpu.yaml)")
 
 
+def _check_val_check_interval(trainer) -> None:
+    """Lightning accepts 0 and fails with a ZeroDivisionError once training runs (issue 12, defect 6c)."""
+    interval = getattr(trainer, "val_check_interval", None)  # unset when the interval is a time
+    if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval == 0:
+        raise ValueError("trainer.val_check_interval=0: validation and its checkpoints would never be scheduled; "
+                         "give the number of training batches between validations (>= 1, e.g. 250)")
+
+
 def _checkpoint_dir(run_dir: str | None) -> str:
     return os.path.join(run_dir or "runs/default", "checkpoints")
 
@@ -112,6 +120,7 @@ class RunCLI(LightningCLI):
             trainer = super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, TypeError) as e:  # Lightning's checks of the trainer settings
             raise ValueError(f"trainer: {e}{_cpu_hint(str(e))}") from None
+        _check_val_check_interval(trainer)
         strategy = trainer.strategy
         # Atomic writes unless a strategy brings its own checkpoint format (DeepSpeed).
         if type(strategy.checkpoint_io) is TorchCheckpointIO:

@@ -69,7 +69,8 @@ class CompareConfig:
     def __post_init__(self) -> None:
         from finetune.pretrained import scratch_arch
 
-        self.models = {name: scratch_arch(arch) for name, arch in self.models.items()}  # dicts from Python
+        # Typed (dicts from Python) and checked, naming the model.
+        self.models = {name: scratch_arch(arch, f"models.{name}") for name, arch in self.models.items()}
         unknown = sorted(set(self.learning_rates) - set(self.models))
         if unknown:
             raise ValueError(f"learning_rates names no model: {unknown}; models are {sorted(self.models)}")

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 
 from common.model_context import position_limit, usable_context
 from common.resumable_loader import ResumableDataLoader, ResumableShuffleSampler
-from finetune.eval_items import EvalItemBuilder
+from finetune.eval_items import EvalItemBuilder, describe_shots
 from finetune.tasks import TaskConfig, load_split, load_task
 from finetune.train_examples import TrainExamples, TrainStats
 
@@ -179,6 +179,11 @@ class FinetuneDataModule(LightningDataModule):
                                   reserve_tokens=self.max_new_tokens if self.kind == "decoder" else 0,
                                   shots=self.shots, seed=self.seed, train_split=self.splits["train"])
         self.eval_items[stage], self.eval_info[stage] = builder.build(self.splits[stage], max_examples)
+        self.eval_info[stage]["shots"] = describe_shots(self.eval_items[stage], self.shots,
+                                                        self.eval_info[stage]["pool"], self.max_length,
+                                                        builder.reserve_tokens)
+        if note := self.eval_info[stage]["shots"]["shots_note"]:
+            rank_zero_warn(f"{self.task.name} {self.splits[stage]}: {note}")  # fewer shots change the score
         self.scoring[stage] = Scoring(self.task.metric, self.task.target_lang or "en", tuple(self.template.stop),
                                       self.eval_info[stage]["n_total"])
 
@@ -192,7 +197,9 @@ class FinetuneDataModule(LightningDataModule):
                 "n_prompts": len(items), "n_total": info.get("n_total", len(items)),
                 "subset": len(items) < info.get("n_total", len(items)),
                 "shots_requested": self.shots, "shots_used_mean": statistics.fmean(shots) if shots else 0.0,
-                "shots_used_min": min(shots, default=0), "n_truncated": sum(it["truncated"] for it in items),
+                "shots_used_min": min(shots, default=0),
+                **info.get("shots", describe_shots(items, self.shots, None, self.max_length, 0)),
+                "n_truncated": sum(it["truncated"] for it in items),
                 "long_field": self.task.long_field, "max_length": self.max_length,
                 "max_prompt_tokens": max((it["n_tokens"] for it in items), default=0), **self.context,
                 "overlap": info.get("overlap", {})}

@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -33,6 +33,49 @@ def subset_indices(n_total: int, max_examples: int | None, seed: int) -> list[in
     if max_examples is None or max_examples >= n_total:
         return list(range(n_total))
     return sorted(np.random.default_rng(seed).choice(n_total, size=max_examples, replace=False).tolist())
+
+
+class _Rows(Sequence):
+    """Rows ``indices`` of a dataset, each read when first indexed: of 1000 requested
+    demonstrations, `build_prompt` reads the few that fit (a row read costs ~50 us)."""
+
+    def __init__(self, rows: Any, indices: list[int]) -> None:
+        self.rows, self.indices = rows, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):  # type: ignore[override]  # ints only: build_prompt never slices
+        return self.rows[self.indices[i]]
+
+
+def describe_shots(items: list[dict[str, Any]], shots: int, pool: dict[str, Any] | None, max_length: int,
+                   reserve_tokens: int) -> dict[str, Any]:
+    """How many demonstrations the prompts got and, where fewer than ``shots``, why.
+
+    Returns ``shots_used_max``, ``shots_limited_by`` ({"pool": items whose pool had fewer than
+    ``shots`` candidates, "context": items that dropped whole demonstrations to fit}) and
+    ``shots_note``: one sentence for the log and results.md, None when every item got ``shots``.
+    """
+    used = [it["n_shots"] for it in items]
+    by_pool = sum(it["n_shots_requested"] < shots for it in items)  # n_shots_requested: those drawn
+    by_context = sum(it["n_shots"] < it["n_shots_requested"] for it in items)
+    out: dict[str, Any] = {"shots_used_max": max(used, default=0),
+                           "shots_limited_by": {"pool": by_pool, "context": by_context}, "shots_note": None}
+    if not items or min(used) >= shots:
+        return out
+    reasons = []
+    if by_context:
+        room = f" ({reserve_tokens} of them kept for the answer)" if reserve_tokens else ""
+        reasons.append(f"{by_context} of {len(items)} prompts fit no more whole demonstrations in "
+                       f"data.max_length={max_length} tokens{room}")
+    if by_pool:
+        where = f"the pool split {pool['split']!r} has {pool['rows']} rows" if pool else "the task has no pool split"
+        reasons.append(f"{by_pool} of {len(items)} items had fewer than {shots} demonstrations to draw: {where}, "
+                       "minus the item itself and its near-copies")
+    out["shots_note"] = (f"data.shots={shots} requested, {min(used)}-{max(used)} used "
+                         f"(mean {sum(used) / len(used):.2f}): " + "; ".join(reasons))
+    return out
 
 
 def _columns(rows: Any, *names: str) -> dict[str, list[Any]]:
@@ -94,15 +137,16 @@ class EvalItemBuilder:
         pool_ids = pool["id"] if pool is not None else []
         items = []
         for index_in_eval, (row, key) in enumerate(zip(rows, keys)):
-            demos = []
+            demos: Sequence[dict[str, Any]] = []
             if pool is not None:
                 same = lambda i: pool_keys[i] == key or pool_ids[i] == row["id"]  # noqa: E731
-                demos = [pool[i] for i in sample_demonstrations(len(pool), self.shots, self.seed, row["id"], same)]
+                demos = _Rows(pool, sample_demonstrations(len(pool), self.shots, self.seed, row["id"], same))
             built: BuiltPrompt = build_prompt(self.template, row, demos, self.count_tokens, self.max_length,
                                               long_field=self.task.long_field, reserve_tokens=self.reserve_tokens)
             items.append({"index": index_in_eval, "id": row["id"], "source": row["source"],
                           "references": row["references"], **asdict(built)})
-        return items, {"n_total": len(all_rows), "overlap": self.overlap(split, rows["id"], keys, pool_name)}
+        return items, {"n_total": len(all_rows), "overlap": self.overlap(split, rows["id"], keys, pool_name),
+                       "pool": {"split": pool_name, "rows": len(pool)} if pool is not None else None}
 
     def overlap(self, split: str, ids: list[str], keys: list[str], pool_name: str | None) -> dict[str, Any]:
         """Per reference split (training split, demonstration pool): evaluated items with a normalised

@@ -7,7 +7,9 @@
 * a Hugging Face model directory (``config.json``), e.g. our own exports or a ``save_pretrained``;
 * a hub name (``gpt2``, ``t5-small``, ``facebook/bart-base``, ``Helsinki-NLP/opus-mt-en-fr``).
 
-Remote code is never trusted (``trust_remote_code=False``). The model's kind — ``decoder`` (causal
+Remote code is never trusted (``trust_remote_code=False``), nor pickles: Hugging Face weights are
+read from safetensors only (``use_safetensors=True``); a folder holding only ``pytorch_model.bin``
+is refused with the one-off conversion (:func:`check_safetensors`). The model's kind — ``decoder`` (causal
 LM) or ``encoder_decoder`` (seq2seq) — comes from its config and selects the task's template.
 
 ``--model.scratch`` instead names a typed architecture (`common.archs.GPT2Arch`, `T5Arch`,
@@ -59,11 +61,44 @@ def load_pretrained(init: str) -> Pretrained:
             raise FileNotFoundError(f"model.init={init!r}: not a local checkpoint or model directory, and the hub "
                                     f"could not provide it ({str(e).splitlines()[0]})") from None
         auto = AutoModelForSeq2SeqLM if model_kind(config) == "encoder_decoder" else AutoModelForCausalLM
-        model = auto.from_pretrained(init, trust_remote_code=False)
+        if path.exists():
+            check_safetensors(path, init, auto.__name__)
+        try:
+            model = auto.from_pretrained(init, trust_remote_code=False, use_safetensors=True)
+        except OSError as e:  # a hub model without safetensors (a local folder was checked above)
+            if "safetensors" not in str(e):
+                raise FileNotFoundError(f"model.init={init!r}: {str(e).splitlines()[0]}") from None
+            raise ValueError(_pickle_message(init, "the hub model has no safetensors weights", auto.__name__)) from None
         tokenizer = AutoTokenizer.from_pretrained(init, trust_remote_code=False)
     prepare_tokenizer(tokenizer, model)
     freeze_fixed_position_tables(model)
     return Pretrained(model=model, tokenizer=tokenizer, kind=model_kind(model.config), source=init)
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle")
+
+
+def check_safetensors(folder: Path, init: str, auto_class: str) -> None:
+    """Raise unless the Hugging Face model ``folder`` holds safetensors weights.
+
+    Only safetensors are loaded, by design: unpickling a ``pytorch_model.bin`` can run any code
+    the file carries (torch's weights_only mode narrows that, and then fails on many real files).
+    """
+    if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file():
+        return
+    pickles = sorted(f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    if not pickles:
+        raise FileNotFoundError(f"model.init={init!r}: {folder} has a config.json but no model.safetensors")
+    raise ValueError(_pickle_message(init, f"{folder} holds only pickle weights ({', '.join(pickles)})", auto_class))
+
+
+def _pickle_message(init: str, what: str, auto_class: str) -> str:
+    return (f"model.init={init!r}: {what}; lmtrain loads safetensors only (no pickles, by design: loading one "
+            f"can run code). Convert it once, where you trust the file: `{auto_class}.from_pretrained({init!r}, "
+            "use_safetensors=False).save_pretrained(NEW_DIR, safe_serialization=True)` (if torch's weights_only "
+            "load refuses the pickle: `from_config(AutoConfig.from_pretrained(...))`, then "
+            "`load_state_dict(torch.load(FILE, weights_only=False))` and save_pretrained), save the tokenizer there too "
+            f"(`AutoTokenizer.from_pretrained({init!r}).save_pretrained(NEW_DIR)`), and pass NEW_DIR")
 
 
 def prepare_tokenizer(tokenizer: Any, model: PreTrainedModel) -> None:
@@ -96,18 +131,24 @@ def freeze_fixed_position_tables(model: PreTrainedModel) -> None:
             module.requires_grad_(False)
 
 
-def scratch_arch(scratch: ScratchArch | dict[str, Any]) -> ScratchArch:
-    """The typed arch of ``model.scratch`` (a dict from Python or a checkpoint's hyper-parameters)."""
-    if not isinstance(scratch, dict):
-        return scratch
-    options = dict(scratch)
-    model_type = options.pop("model_type", None)
-    if model_type not in SCRATCH_ARCHS:
-        raise ValueError(f"model.scratch: model_type={model_type!r}; expected one of {sorted(SCRATCH_ARCHS)}")
-    try:
-        return SCRATCH_ARCHS[model_type](**options)
-    except TypeError as e:  # an unknown option
-        raise ValueError(f"model.scratch ({model_type}): {e}") from None
+def scratch_arch(scratch: ScratchArch | dict[str, Any], key: str = "model.scratch") -> ScratchArch:
+    """The typed, checked arch of ``model.scratch`` (or a dict from Python or a checkpoint's hyper-parameters).
+
+    Args:
+        scratch: the arch, or its options with a ``model_type``.
+        key: the config key, for errors (``models.<name>`` in a compare YAML).
+    """
+    if isinstance(scratch, dict):
+        options = dict(scratch)
+        model_type = options.pop("model_type", None)
+        if model_type not in SCRATCH_ARCHS:
+            raise ValueError(f"{key}: model_type={model_type!r}; expected one of {sorted(SCRATCH_ARCHS)}")
+        try:
+            scratch = SCRATCH_ARCHS[model_type](**options)
+        except TypeError as e:  # an unknown option
+            raise ValueError(f"{key} ({model_type}): {e}") from None
+    scratch.check(key)  # after parsing: raised inside it, jsonargparse would bury it in a Union message
+    return scratch
 
 
 def scratch_tokenizer(name: str | None, task: Any, train_split: str, vocab_size: int, run_dir: str | Path) -> Any:

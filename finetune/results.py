@@ -24,6 +24,8 @@ def results_markdown(results: dict[str, Any]) -> str:
            str(results["metrics"]["n_empty_predictions"])]
     notes = [f"{k}: `{v}`" for k, v in results["metrics"].items() if k.endswith(("signature", "tokenizer"))]
     notes += [f"intervals: `{m}`" for m in dict.fromkeys(results.get("ci_method", {}).values())]
+    if results.get("shots_note"):
+        notes.append(f"shots: {results['shots_note']}")
     if "usable_context" in results:
         notes.append(f"context: prompts of at most {results['max_prompt_tokens']} tokens within max_length "
                      f"{results['max_length']} (usable context {results['usable_context']}: "

@@ -30,6 +30,12 @@ class PretrainCLI(RunCLI):
                               compute_fn=_objective_of, apply_on="instantiate")
 
 
+    def connect_model_and_data(self) -> None:
+        # The model class is in subclass mode, so jsonargparse would bury an error raised while the
+        # system is built in a Union message: its arch is checked here, before any corpus work.
+        self.model.arch.check("model.arch")
+
+
 def _objective_of(model: PretrainSystem) -> str:
     return model.objective
 

@@ -6,7 +6,9 @@
 already holds this corpus, then :func:`build_corpus` loads, splits, tokenizes and packs the
 documents into shards (see :mod:`pretrain.shards`) with a ``manifest.json`` describing them. Outputs
 are built in a temp dir beside ``out_dir`` and renamed into place, so a failed run never damages a
-good corpus.
+good corpus. Whether ``out_dir`` already holds the configured corpus is decided by the settings and
+the *content* of the input files (a touched or re-copied file is the same input; see
+:mod:`pretrain.input_files`).
 """
 
 from __future__ import annotations
@@ -31,12 +33,14 @@ from pretrain.corpus import (
     ResolvedSource,
     check_config,
     check_text_column,
+    check_text_files,
     ensure_both_splits,
     holdout_mask,
     load_source,
     resolve_source,
     stream_documents,
 )
+from pretrain.input_files import FILE_IDENTITY, changed_since_hashed, describe_changes, fill_hashes, identity
 from pretrain.shards import FORMAT_VERSION, MANIFEST, SPLITS, ShardWriter, load_manifest, shard_dtype
 
 log = logging.getLogger(__name__)
@@ -57,15 +61,6 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _diff(old: dict, new: dict) -> list[str]:
-    out = []
-    for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
-            a, b = json.dumps(old.get(key))[:200], json.dumps(new.get(key))[:200]
-            out.append(f"{key}: built with {a}, configured {b}")
-    return out
-
-
 def _existing(out_dir: Path, inputs: dict, tok: Any, overwrite: bool) -> dict | None:
     """The manifest when out_dir already holds exactly this corpus; None to (re)build; else an error."""
     from common.tokenizer import tokenizer_fingerprint
@@ -83,8 +78,12 @@ def _existing(out_dir: Path, inputs: dict, tok: Any, overwrite: bool) -> dict | 
         if overwrite:
             return None
         raise ValueError(f"{exc} (out_dir {out_dir}; pass overwrite=True to rebuild)") from exc
-    same = manifest["inputs"]["fingerprint"] == digest(inputs)
-    problems = [] if same else _diff(manifest["inputs"]["spec"], inputs)
+    built_spec = manifest["inputs"]["spec"]
+    by_content = manifest["inputs"].get("file_identity") == FILE_IDENTITY
+    # Files by content (size + mtime as the fast path); a corpus from before hashes: the old rule.
+    same_content = fill_hashes(inputs, built_spec) if by_content else []
+    same = manifest["inputs"]["fingerprint"] == digest(identity(inputs) if by_content else inputs)
+    problems = [] if same else describe_changes(built_spec, inputs, by_content)
     built = manifest["tokenizer"]["fingerprint"]
     if tok is not None and built != tokenizer_fingerprint(tok):
         problems.append(f"tokenizer: built with tokenizer fingerprint {built} ({manifest['tokenizer']['name_or_path']}"
@@ -101,6 +100,9 @@ def _existing(out_dir: Path, inputs: dict, tok: Any, overwrite: bool) -> dict | 
     if broken or not (out_dir / "tokenizer").is_dir():
         log.warning("%s: manifest matches but outputs are incomplete (%s); rebuilding", out_dir, broken or "tokenizer/")
         return None
+    if same_content:
+        log.info("corpus %s: %d input file(s) have a new modification time or path but the same content "
+                 "(sha256), e.g. %s; reusing the corpus", out_dir, len(same_content), same_content[0])
     return manifest
 
 
@@ -126,6 +128,7 @@ def prepare_corpus(config: CorpusConfig, overwrite: bool = False) -> dict:
     if config.num_proc > 1:
         # Parallelism comes from processes; Rust threads in forked workers would only warn/deadlock.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    fill_hashes(inputs)  # the content of every local input, recorded in the manifest (pretrain.input_files)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     removed = remove_stale(out_dir.parent, {out_dir.name})
     if removed:
@@ -135,6 +138,9 @@ def prepare_corpus(config: CorpusConfig, overwrite: bool = False) -> dict:
     tmp.mkdir()
     try:
         manifest = build_corpus(config, resolved, tok, inputs, tmp)
+        if rewritten := changed_since_hashed(inputs):  # the recorded hash may not be what was read
+            raise ValueError(f"input file(s) {rewritten} changed while the corpus was being built; "
+                             "prepare it again once they are complete")
         shutil.rmtree(tmp / ".hf_cache", ignore_errors=True)
         swap_into_place(tmp, out_dir)
     except BaseException:
@@ -195,6 +201,8 @@ def build_corpus(config: CorpusConfig, resolved: list[ResolvedSource], tok: Any,
     from common.tokenizer import tokenizer_fingerprint, train_bpe_tokenizer
 
     (tmp / ".hf_cache").mkdir()
+    for res in resolved:  # every source's bytes before any is loaded: a bad file fails in seconds
+        check_text_files(res)
     has_val_source = any(r.source.role == "val" for r in resolved)
     loaded = []  # (resolved, dataset, streamed)
     for res in resolved:
@@ -260,7 +268,7 @@ def build_corpus(config: CorpusConfig, resolved: list[ResolvedSource], tok: Any,
         "dtype": dtype.name,
         "tokenizer": {"fingerprint": tokenizer_fingerprint(tok), "name_or_path": config.tokenizer or "trained-bpe",
                       "vocab_size": len(tok), "eos_id": tok.eos_token_id, "pad_id": tok.pad_token_id},
-        "inputs": {"fingerprint": digest(inputs), "spec": inputs},
+        "inputs": {"fingerprint": digest(identity(inputs)), "file_identity": FILE_IDENTITY, "spec": inputs},
         "splits": {s: {"files": files[s], "tokens": sum(f["tokens"] for f in files[s]), "documents": docs[s]}
                    for s in SPLITS},
     }

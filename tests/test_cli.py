@@ -128,6 +128,27 @@ def test_tokenizer_larger_than_model_vocab_is_refused(tmp_path: Path, capsys: py
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--model.init_args.arch.n_head", "5"], "model.arch: n_embd=32 is not divisible by n_head=5"),
+    (["--model.init_args.arch.n_head", "0"], "model.arch.n_head must be >= 1, got 0"),
+])
+def test_impossible_gpt_shape_is_named(args: list[str], message: str, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture) -> None:
+    """Issue 12, defect 6e: the arch's own message was buried in jsonargparse's Union error."""
+    config = write_run_config(tmp_path)
+    err = _user_error(["fit", "--config", str(config), *args], capsys)
+    assert err.startswith(f"error: {message}") and "Union" not in err, err
+    assert not (tmp_path / "corpus").exists()  # refused before the corpus is prepared
+
+
+def test_zero_val_check_interval_is_refused_at_start(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Issue 12, defect 6c: it used to end in a ZeroDivisionError once training had started."""
+    config = write_run_config(tmp_path)
+    err = _user_error(["fit", "--config", str(config), "--trainer.val_check_interval", "0"], capsys)
+    assert "trainer.val_check_interval=0" in err and "Traceback" not in err
+    assert not (tmp_path / "corpus").exists() and not (tmp_path / "run" / "checkpoints").exists()  # before any work
+
+
 @pytest.mark.integration  # a fresh `python -m pretrain` process: ~6 s of imports before the error
 def test_module_entry_point_prints_one_error_line(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "pretrain", "export", str(tmp_path / "missing.ckpt"),

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -118,12 +122,127 @@ def test_changed_inputs_are_refused_with_the_difference(built):
         prepare_corpus(CorpusConfig(**{**config.__dict__, "val_fraction": 0.3}))
 
 
+def test_touched_or_recopied_inputs_are_reused_and_changed_bytes_are_refused(built, tiny_corpus_files, tmp_path,
+                                                                            caplog: pytest.LogCaptureFixture):
+    """Issue 12, defect 7: inputs are compared by content; a new mtime alone used to refuse the corpus."""
+    config, manifest = built
+    out, txt, jsonl = Path(config.out_dir), tiny_corpus_files["txt"], tiny_corpus_files["jsonl"]
+    before = _mtimes(out)
+    stat = txt.stat()
+    os.utime(txt, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))  # touch
+    shutil.copyfile(jsonl, tmp_path / "copy.jsonl")
+    shutil.copyfile(tmp_path / "copy.jsonl", jsonl)  # re-copied: same bytes, new mtime
+    assert (txt.stat().st_mtime_ns, jsonl.stat().st_mtime_ns) != (stat.st_mtime_ns, manifest["inputs"]["spec"][
+        "sources"][2]["files"][0]["mtime_ns"])
+    with caplog.at_level(logging.INFO, logger="pretrain.prepare"):
+        assert prepare_corpus(config) == manifest  # reused, not rebuilt
+    assert _mtimes(out) == before
+    assert "2 input file(s) have a new modification time or path but the same content" in caplog.text
+
+    data = txt.read_bytes()
+    txt.write_bytes(data[:5] + (b"Q" if data[5:6] != b"Q" else b"R") + data[6:])  # one byte, same size
+    with pytest.raises(ValueError, match=rf"holds a corpus built from other inputs:\n  sources\[0\]: {txt} "
+                                         r"changed since the build \(content differs\)"):
+        prepare_corpus(config)
+    txt.write_bytes(data + b"more\n")
+    with pytest.raises(ValueError, match=rf"sources\[0\]: {txt} changed since the build \(size "):
+        prepare_corpus(config)
+    assert _mtimes(out) == before
+
+
+def test_corpus_prepared_before_content_hashes_keeps_the_old_rule(built, tiny_corpus_files):
+    """A manifest without hashes still loads: reused while path, size and mtime match, refused with a
+    note on the rebuild that records hashes once a file is touched."""
+    from pretrain.prepare import digest
+
+    config, manifest = built
+    path = Path(config.out_dir) / "manifest.json"
+    spec = manifest["inputs"]["spec"]
+    for source in spec["sources"]:
+        for entry in source["files"]:
+            del entry["content"]
+    manifest["inputs"] = {"fingerprint": digest(spec), "spec": spec}  # what earlier versions wrote
+    path.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    assert prepare_corpus(config) == manifest
+    txt = tiny_corpus_files["txt"]
+    os.utime(txt, ns=(txt.stat().st_atime_ns, txt.stat().st_mtime_ns + 5_000_000_000))
+    with pytest.raises(ValueError, match=r"(?s)modification time or path differs.*prepared before content hashes"):
+        prepare_corpus(config)
+    rebuilt = prepare_corpus(config, overwrite=True)
+    assert rebuilt["inputs"]["file_identity"] == "sha256-content"
+    assert rebuilt["splits"] == manifest["splits"]  # the same data gives the same shards
+
+
+def test_input_rewritten_during_the_build_is_refused(tiny_corpus_files, tmp_path, monkeypatch):
+    import pretrain.prepare as prep
+
+    real = prep.build_corpus
+
+    def build_then_rewrite(*args, **kwargs):
+        manifest = real(*args, **kwargs)
+        with tiny_corpus_files["txt2"].open("a", encoding="utf-8") as f:
+            f.write("a late line\n")  # its recorded hash is no longer what the shards hold
+        return manifest
+
+    monkeypatch.setattr(prep, "build_corpus", build_then_rewrite)
+    with pytest.raises(ValueError, match=r"b.txt'\] changed while the corpus was being built"):
+        prepare_corpus(_config(tiny_corpus_files, tmp_path / "corpus"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no corpus, no temp dir
+
+
+def test_large_inputs_are_hashed_by_size_and_sampled_blocks(tmp_path, monkeypatch):
+    import pretrain.input_files as files
+
+    monkeypatch.setattr(files, "FULL_HASH_MAX", 1000)
+    monkeypatch.setattr(files, "BLOCK", 16)
+    monkeypatch.setattr(files, "N_BLOCKS", 4)  # blocks at 0, 1328, 2656, 3984 of a 4000-byte file
+    path = tmp_path / "big.txt"
+    data = bytearray(b"x" * 4000)
+    path.write_bytes(data)
+    sampled = files.content_hash(path)
+    assert sampled.startswith("sha256-sampled:")
+    data[1330] = ord("y")  # inside a sampled block
+    path.write_bytes(data)
+    assert files.content_hash(path) != sampled
+    data[1330], data[500] = ord("x"), ord("y")  # between blocks, same size: not seen (the documented price)
+    path.write_bytes(data)
+    assert files.content_hash(path) == sampled
+    path.write_bytes(data + b"z")
+    assert files.content_hash(path) != sampled
+    path.write_bytes(b"x" * 1000)
+    assert files.content_hash(path).startswith("sha256:")  # up to FULL_HASH_MAX: the whole file
+
+
 def test_missing_file_is_named(tiny_corpus_files, tmp_path):
     config = _config(tiny_corpus_files, tmp_path / "out")
     config.sources.append(CorpusSource(local="no/such/file.txt"))
     with pytest.raises(FileNotFoundError, match="no/such/file.txt"):
         prepare_corpus(config)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"", r"sources\[1\]: empty file\(s\) \(0 bytes\) \['\S+/bad.txt'\]: restore them"),
+    (b"fine line\ncaf\xe9 au lait\n", r"sources\[1\]: \S+/bad.txt: byte b'\\xe9' at offset 13 \(line 2\) is not UTF-8"),
+    (b"PK\x03\x04\x00\x00binary", r"sources\[1\]: \S+/bad.txt: byte b'\\x00' at offset 4 \(line 1\) is a NUL byte"),
+], ids=["empty", "latin1", "binary"])
+def test_empty_or_non_utf8_text_file_is_named_in_one_line(content: bytes, message: str, tiny_corpus_files, tmp_path,
+                                                          capsys: pytest.CaptureFixture):
+    """Issue 12, defect 6a/b: datasets' SchemaInferenceError / UnicodeDecodeError named neither file nor offset."""
+    from common.user_errors import report_user_errors
+    from pretrain.prepare import main as prepare_main
+
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(content)
+    with pytest.raises(SystemExit):
+        report_user_errors(lambda: prepare_main([
+            "--sources", f'[{{"local": "{tiny_corpus_files["txt"]}"}}, {{"local": "{bad}"}}]',
+            "--out_dir", str(tmp_path / "out"), "--num_proc", "1", "--bpe_vocab_size", "300"]))
+    err = capsys.readouterr().err
+    error, hint = err.splitlines()[-2:]  # (progress bars of the good source may come first)
+    assert error.startswith("error: ") and hint.startswith("(set LMTRAIN_DEBUG=1") and "Traceback" not in err, err
+    assert re.search(message, error), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.txt", "src"]  # nothing built, nothing left
 
 
 def test_empty_corpus_is_an_error(tmp_path):

@@ -182,6 +182,27 @@ def test_prompts_longer_than_the_context_are_truncated_and_counted(tiny: dict[st
         assert item["n_tokens"] <= 96 - 4
 
 
+def test_more_shots_than_fit_are_reported_with_the_reason(tiny: dict[str, Path], tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 12, defect 6f: --data.shots 1000 silently used a handful: the log and the results say how many fit, why."""
+    monkeypatch.setenv("LMTRAIN_DATA_ROOT", str(Path(__file__).parent / "fixtures" / "tasks"))
+    task = str(Path(__file__).parent / "fixtures" / "tasks" / "capitals.yaml")
+    with pytest.warns(UserWarning, match=r"data.shots=1000 requested, 4-4 used .*3 of 3 items had fewer than 1000 "
+                                         r"demonstrations to draw: the pool split 'train' has 5 rows"):
+        results = _evaluate(tiny["gpt2"], task, tmp_path / "pool", shots=1000).results
+    assert results["shots_requested"] == 1000 and results["shots_used_max"] == 4  # the 5 rows minus the item
+    assert results["shots_limited_by"] == {"pool": 3, "context": 0}
+    saved = json.loads((tmp_path / "pool" / "eval" / "capitals-test-1000shot" / "results.json").read_text())
+    assert saved["shots_note"] == results["shots_note"]
+    assert "- shots: data.shots=1000 requested" in (tmp_path / "pool" / "eval" / "capitals-test-1000shot"
+                                                     / "results.md").read_text()
+
+    with pytest.warns(UserWarning, match=r"3 of 3 prompts fit no more whole demonstrations in data.max_length=100 "
+                                         r"tokens \(4 of them kept for the answer\)"):
+        results = _evaluate(tiny["gpt2"], task, tmp_path / "context", "--data.max_length", "100", shots=3).results
+    assert results["shots_limited_by"] == {"pool": 0, "context": 3} and 0 < results["shots_used_max"] < 3
+
+
 def test_interrupted_fine_tuning_resumes_exactly(tiny: dict[str, Path], tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Interrupted after step 2 and resumed with --ckpt_path last, a run ends with the weights of an
@@ -224,6 +245,28 @@ def test_model_tokenizer_mismatch_is_refused(tiny: dict[str, Path], tmp_path: Pa
     with pytest.raises(SystemExit):
         report_user_errors(lambda: _evaluate(tmp_path / "m", "tatoeba_en_fr", tmp_path / "run"))
     assert "model/tokenizer mismatch" in capsys.readouterr().err
+
+
+def test_pickle_only_model_folder_is_refused_with_the_conversion(tiny: dict[str, Path], tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    """Issue 12, defect 6d: only safetensors are loaded; a pytorch_model.bin used to end in an UnpicklingError."""
+    import numpy as np
+
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((tiny["gpt2"] / name).read_bytes())
+    weights = dict(AutoModelForCausalLM.from_pretrained(tiny["gpt2"]).state_dict())
+    weights["extra"] = np.float64(1.0)  # any non-tensor object: weights_only unpickling refuses it
+    torch.save(weights, folder / "pytorch_model.bin")
+    with pytest.raises(SystemExit):
+        report_user_errors(lambda: _evaluate(folder, "tatoeba_en_fr", tmp_path / "run"))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "UnpicklingError" not in err, err
+    assert "pytorch_model.bin" in err and "safetensors only" in err
+    assert "use_safetensors=False" in err and "save_pretrained(" in err  # how to convert it
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["config.json", "generation_config.json", "tokenizer.json",
+                                                               "tokenizer_config.json", "pytorch_model.bin"])
 
 
 def test_unknown_model_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -120,6 +120,23 @@ def test_scratch_archs_are_typed_and_checked_at_parse_time(capsys: pytest.Captur
     assert isinstance(FinetuneSystem(scratch=T5Arch(d_model=32, num_layers=1)).scratch, T5Arch)
 
 
+@pytest.mark.parametrize(("scratch", "message"), [
+    ("{model_type: gpt2, n_head: 5, n_embd: 32}", "model.scratch: n_embd=32 is not divisible by n_head=5"),
+    ("{model_type: t5, num_heads: 0}", "model.scratch.num_heads must be >= 1, got 0"),
+    ("{model_type: rnn_seq2seq, attention: bahdanau, input_feeding: true}",
+     "model.scratch: rnn_seq2seq: input_feeding=True needs Luong attention"),
+])
+def test_impossible_scratch_shape_is_named(scratch: str, message: str, capsys: pytest.CaptureFixture) -> None:
+    """Issue 12, defect 6e: the arch's own message was buried in jsonargparse's Union error."""
+    from common.user_errors import report_user_errors
+    from finetune.cli import main as finetune_cli
+
+    with pytest.raises(SystemExit):
+        report_user_errors(lambda: finetune_cli(["fit", "--model.scratch", scratch, "--data.task", "reverse"]))
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and "Union" not in err, err
+
+
 @pytest.mark.integration  # fresh interpreters: CI suite, not the quick tier
 def test_console_entry_point_names_the_real_command() -> None:
     lmtrain = Path(sys.executable).parent / "lmtrain"

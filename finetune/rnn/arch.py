@@ -2,8 +2,8 @@
 
 `RNNSeq2SeqConfig` is the HF config saved with the model; this dataclass is what a user writes,
 so ``finetune fit --help`` lists every option and a typo or a bad choice fails when the config is
-parsed, before any data is read. Sizes and the meaning of each switch: see
-configuration_rnn_seq2seq.py.
+parsed, before any data is read; a combination the model cannot be built with when the run starts
+(``check``). Sizes and the meaning of each switch: see configuration_rnn_seq2seq.py.
 """
 
 from __future__ import annotations
@@ -47,8 +47,13 @@ class RNNArch:
     share_embeddings: bool = False
     teacher_forcing_ratio: float = 1.0
 
-    def __post_init__(self) -> None:
-        self.to_config(vocab_size=max(8, self.embedding_dim))  # the config's checks, now, naming the option
+    def check(self, key: str = "model.scratch") -> None:
+        """The config's checks, naming ``key`` and the option (why not in ``__post_init__``:
+        `common.archs.GPT2Arch.check`)."""
+        try:
+            self.to_config(vocab_size=max(8, self.embedding_dim))
+        except ValueError as e:
+            raise ValueError(f"{key}: {e}") from None
 
     def to_config(self, **ids: Any) -> RNNSeq2SeqConfig:
         """The HF config of this arch with the tokenizer's ``vocab_size`` and special ids."""
