@@ -48,7 +48,11 @@ def cross_attention(model: Any, tokenizer: Any, source: str, max_new_tokens: int
     weights = weights.unsqueeze(0) if weights.dim() == 2 else weights  # (H, T, S)
     src_tokens = tokenizer.convert_ids_to_tokens(enc["input_ids"][0].tolist())
     tgt_tokens = tokenizer.convert_ids_to_tokens(generated[0, 1:].tolist())
-    return [_readable(t) for t in src_tokens], [_readable(t) for t in tgt_tokens], weights.float().cpu()
+    # Ids past the tokenizer (the model's vocabulary is padded to a multiple of 64, and an untrained
+    # model generates them) have no token: None, shown as their id.
+    src = [_readable(t) if t is not None else f"<{i}>" for i, t in zip(enc["input_ids"][0].tolist(), src_tokens)]
+    tgt = [_readable(t) if t is not None else f"<{i}>" for i, t in zip(generated[0, 1:].tolist(), tgt_tokens)]
+    return src, tgt, weights.float().cpu()
 
 
 def _forward_with_attentions(model: Any, enc: Any, decoder_input_ids: torch.Tensor) -> Any:

@@ -66,3 +66,13 @@ def test_validation_writes_attention_plots(models: dict[str, Path], tmp_path: Pa
                   "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)])
     plots = sorted((tmp_path / "attention" / "step0000002").glob("*.png"))
     assert [p.name for p in plots] == ["example-0.png", "example-1.png"]
+
+
+def test_generated_ids_past_the_tokenizer_are_labelled_by_id(models: dict[str, Path]) -> None:
+    """An untrained model's vocabulary is padded past the tokenizer and it may generate those ids,
+    which have no token (convert_ids_to_tokens gives None): they are shown by id, not a crash."""
+    model, tok = AutoModelForSeq2SeqLM.from_pretrained(models["t5"]), AutoTokenizer.from_pretrained(models["t5"])
+    model.resize_token_embeddings(len(tok) + 8)
+    model.generation_config.suppress_tokens = list(range(len(tok)))  # only the padded ids can be generated
+    _, tgt, _ = cross_attention(model, tok, "The cat sleeps.", max_new_tokens=3)
+    assert len(tgt) >= 1 and all(t.startswith("<") and int(t[1:-1]) >= len(tok) for t in tgt), tgt
