@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 from common.checkpoints import CheckpointError, load_checkpoint_file
-from common.deepspeed_strategy import ZeroStrategy, _replace_dir
+from common.deepspeed_strategy import ZeroStrategy
 from common.fsdp_strategy import TransformerBlockFSDPStrategy, resolve_class
 from common.global_batch import GlobalBatch
 from common.checkpoints import is_zero_checkpoint, model_states_file
+from common.staging import swap_into_place
 
 
 def test_global_batch_counts_sequences_and_tokens() -> None:
@@ -54,12 +55,12 @@ def test_zero_checkpoint_recognition(tmp_path: Path) -> None:
         load_checkpoint_file(zero)
 
 
-def test_replace_dir_keeps_a_complete_copy(tmp_path: Path) -> None:
+def test_swap_into_place_keeps_a_complete_copy(tmp_path: Path) -> None:
     dst, src = tmp_path / "last.ckpt", tmp_path / "last.ckpt.partial"
     dst.mkdir()
     (dst / "old").write_text("old")
     src.mkdir()
     (src / "new").write_text("new")
-    _replace_dir(src, dst)
+    swap_into_place(src, dst)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
     assert (dst / "new").read_text() == "new" and not (dst / "old").exists()
