@@ -161,6 +161,11 @@ class RunCLI(LightningCLI):
             for logger in self.trainer.loggers:
                 if isinstance(logger, WandbLogger) and logger._experiment is not None:
                     logger.experiment.finish()
+            # Lightning leaves the process group up; a 2-process ZeRO-3 CPU run once aborted at
+            # interpreter exit ("terminate called without an active exception", gloo threads still
+            # running) after finishing. Shut it down while the interpreter is whole.
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
 
     def _resolve_ckpt_path(self, ckpt_path: str | None) -> Path | None:
         """"last": the most progress among the run's checkpoints (checkpoints/*.ckpt and the
