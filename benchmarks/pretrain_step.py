@@ -60,7 +60,8 @@ from common.optim import build_adamw, build_warmup_cosine  # noqa: E402
 from common.throughput import SpeedMonitor, seq2seq_flops_per_example, seq2seq_shape  # noqa: E402
 from pretrain.span_corruption import compute_input_and_target_lengths  # noqa: E402
 from pretrain.system import CausalLMSystem, PretrainSystem, SpanCorruptionSystem  # noqa: E402
-from step_report import FLOOR, NOTES, busy_processes, machine, markdown, summarize  # noqa: E402 - beside this script
+from hf_trainer_worker import available as hf_trainer_available, run_hf_trainer  # noqa: E402
+from step_report import FLOOR, NOTES, busy_processes, finish_peaks, machine, markdown, summarize  # noqa: E402 - beside this script
 
 # Per run: measured steps and unmeasured warm-up steps: 15-35 s per run on this VM with both cores,
 # about twice that with one (a round is two runs; the whole default set takes 10-15 min).
@@ -197,6 +198,7 @@ class RunResult:
     cpu_ends: list[float]
     last_loss: float
     speed_monitor: dict[str, Any] | None = None
+    waits: list[float] | None = None  # per step: seconds from the previous step's end to this batch in hand
 
 
 def run_bare(case: Case, system: PretrainSystem, loader: DataLoader, max_steps: int) -> RunResult:
@@ -208,8 +210,14 @@ def run_bare(case: Case, system: PretrainSystem, loader: DataLoader, max_steps: 
     sched = build_warmup_cosine(opt, hp.warmup_steps, max_steps, hp.min_lr_ratio)
     # Lightning's bf16-mixed wraps only training_step (forward + loss) in autocast, not backward.
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if case.precision == "bf16-mixed" else nullcontext
-    ends, cpu_ends, loss = [], [], torch.tensor(math.nan)
-    for batch in loader:
+    ends, cpu_ends, waits, loss = [], [], [], torch.tensor(math.nan)
+    batches = iter(loader)
+    while True:
+        t0 = time.perf_counter()
+        batch = next(batches, None)
+        if batch is None:
+            break
+        waits.append(time.perf_counter() - t0)
         with autocast():
             if case.seq2seq:  # HF T5: decoder inputs = labels shifted right; mean CE over the labels
                 loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
@@ -223,7 +231,7 @@ def run_bare(case: Case, system: PretrainSystem, loader: DataLoader, max_steps: 
         opt.zero_grad(set_to_none=True)
         ends.append(time.perf_counter())
         cpu_ends.append(time.process_time())
-    return RunResult(ends, cpu_ends, float(loss.detach()))
+    return RunResult(ends, cpu_ends, float(loss.detach()), waits=waits)
 
 
 class StepClock(pl.Callback):
@@ -232,7 +240,13 @@ class StepClock(pl.Callback):
     def __init__(self) -> None:
         self.ends: list[float] = []
         self.cpu_ends: list[float] = []
+        self.waits: list[float] = []  # previous step's end -> this batch's start: fetch + loop hooks
         self.last_loss = math.nan
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self.ends:
+            self.waits.append(time.perf_counter() - self.ends[-1])
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
@@ -251,7 +265,7 @@ def run_lightning(case: Case, system: PretrainSystem, loader: DataLoader, max_st
         limit_val_batches=0, gradient_clip_val=1.0, callbacks=[speed, clock],
     )
     trainer.fit(system, train_dataloaders=loader)
-    return RunResult(clock.ends, clock.cpu_ends, clock.last_loss, speed.summary())
+    return RunResult(clock.ends, clock.cpu_ends, clock.last_loss, speed.summary(), waits=[0.0, *clock.waits])
 
 
 # ---- measurement ----------------------------------------------------------------------------
@@ -266,15 +280,18 @@ def steady_state(run: RunResult, warmup: int, tokens_per_step: int, flops_per_st
     steps = len(run.ends) - 1 - warmup  # intervals after the warm-up step ends
     wall = run.ends[-1] - run.ends[warmup]
     cpu = run.cpu_ends[-1] - run.cpu_ends[warmup]
+    # Wait of the steps measured (step i's wait is before its end i): the data path's share of the time.
+    wait = sum(run.waits[warmup + 1:]) / wall if run.waits else math.nan
     return {"tokens_per_s": steps * tokens_per_step / wall, "tokens_per_cpu_s": steps * tokens_per_step / cpu,
+            "loader_wait": wait,
             "step_s": wall / steps,
             "mfu": steps * flops_per_step / wall / peak, "busy_cores": cpu / wall, "steps": steps,
             "last_loss": run.last_loss}
 
 
 def bench_case(name: str, case: Case, rounds: int, steps: int, warmup: int, peaks: dict[str, float],
-               seed: int) -> dict[str, Any]:
-    """``rounds`` x (bare, Lightning), alternating the order; per-run figures and their summary."""
+               seed: int, peers: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``rounds`` x (bare, Lightning, ``peers``), the order rotating; per-run figures and their summary."""
     case = replace(case, precision=resolve_precision(case.precision, peaks))
     tokenizer = make_tokenizer(case.n_tokens)
     max_steps = warmup + 1 + steps  # step 0..warmup are not measured (the clock starts at step `warmup`)
@@ -286,62 +303,48 @@ def bench_case(name: str, case: Case, rounds: int, steps: int, warmup: int, peak
     del probe
     runs: list[dict[str, Any]] = []
     for r in range(rounds):
-        for side in (("bare", "lightning") if r % 2 == 0 else ("lightning", "bare")):
+        sides = ("bare", "lightning", *peers)
+        for side in sides[r % len(sides):] + sides[:r % len(sides)]:
             gc.collect()
             system = fresh_system(case, tokenizer, seed, max_steps)  # fresh weights, same for both sides
             loader = make_loader(case, max_steps, seed)
             if side == "bare":
                 run = run_bare(case, system, loader, max_steps)
+            elif side == "hf_trainer":
+                run = run_hf_trainer(case, system, loader, max_steps, RunResult)
             else:
                 run = run_lightning(case, system, loader, max_steps, peak)
             fig = steady_state(run, warmup, case.tokens_per_step, step_flops, peak)
             fig |= {"round": r, "side": side, "speed_monitor": run.speed_monitor}
             runs.append(fig)
             print(f"[{name}] round {r} {side:9s} {fig['tokens_per_s']:8.1f} tok/s  {fig['step_s']*1e3:8.1f} ms/step"
-                  f"  MFU {fig['mfu']:.1%}  busy cores {fig['busy_cores']:.2f}  loss {fig['last_loss']:.5f}",
+                  f"  MFU {fig['mfu']:.1%}  busy cores {fig['busy_cores']:.2f}  loader wait {fig['loader_wait']:.2%}"
+                  f"  loss {fig['last_loss']:.5f}",
                   flush=True)
             del system, loader, run
-    by = {s: [x for x in runs if x["side"] == s] for s in ("bare", "lightning")}
+    by = {s: [x for x in runs if x["side"] == s] for s in ("bare", "lightning", *peers)}
     ratios = [lt["tokens_per_s"] / b["tokens_per_s"] for b, lt in zip(by["bare"], by["lightning"])]
+    # Against the fastest other loop of the same round (the bare loop and every peer).
+    best_ratios = [by["lightning"][i]["tokens_per_s"] / max(by[s][i]["tokens_per_s"] for s in by if s != "lightning")
+                   for i in range(rounds)]
     # Secondary: per CPU-second, which the hypervisor taking a core away does not move. It misses
     # single-threaded overhead that leaves the second core idle, so the floor uses wall time.
     cpu_ratios = [lt["tokens_per_cpu_s"] / b["tokens_per_cpu_s"] for b, lt in zip(by["bare"], by["lightning"])]
-    losses = [x["last_loss"] for x in runs]
+    losses = [x["last_loss"] for x in runs if x["side"] in ("bare", "lightning")]  # hf: run_clm's labels
     return {
         "model": name, "family": "t5" if case.seq2seq else "gpt2", "precision": case.precision,
         "batch_size": case.batch_size, "seq_len": case.seq_len, "target_len": case.target_len if case.seq2seq else None,
         "shape": case.shape, "tokens_per_step": case.tokens_per_step, "vocab": vocab, "n_params": n_params,
         "flops_per_step": step_flops, "peak_flops": peak, "max_steps": max_steps, "warmup": warmup,
-        "runs": runs, "ratios": ratios, "ratio_median": statistics.median(ratios),
+        "runs": runs, "ratios": ratios, "ratio_median": statistics.median(ratios), "peers": list(peers),
+        "best_ratios": best_ratios, "best_ratio_median": statistics.median(best_ratios),
+        "loader_wait_max": max(x["loader_wait"] for x in by["lightning"]),
         "cpu_ratios": cpu_ratios, "cpu_ratio_median": statistics.median(cpu_ratios),
         "pass": statistics.median(ratios) >= FLOOR,
         # Same weights, data and ops: the final losses must agree, or the loops differ.
         "loss_spread": max(losses) - min(losses),
         **{f"{s}_{k}": summarize([x[k] for x in by[s]]) for s in by for k in ("tokens_per_s", "mfu")},
     }
-
-
-def rescale_mfu(case: dict[str, Any], peak: float) -> None:
-    """Restate a case's MFU figures (SpeedMonitor's too) against a better peak found later.
-
-    The start probe can miss the second core; a run that then gets both cores would show MFU
-    above 100%. The end-of-run probe catches that, and MFU uses the better of the two.
-    """
-    factor = case["peak_flops"] / peak
-    for run in case["runs"]:
-        run["mfu"] *= factor
-        if run["speed_monitor"] and run["speed_monitor"]["mfu_mean"] is not None:
-            run["speed_monitor"]["mfu_mean"] *= factor
-    case["peak_flops"] = peak
-    for side in ("bare", "lightning"):
-        case[f"{side}_mfu"] = summarize([x["mfu"] for x in case["runs"] if x["side"] == side])
-
-
-def finish_peaks(report: dict[str, Any]) -> None:
-    """MFU against the best of the start and end probes (``report["peak_best"]``)."""
-    report["peak_best"] = {k: max(v, report["peaks_end"][k]) for k, v in report["peaks"].items()}
-    for case in report["cases"]:
-        rescale_mfu(case, report["peak_best"][case["precision"]])
 
 
 def main() -> None:
@@ -356,8 +359,12 @@ def main() -> None:
                     help="unmeasured steps at the start of every run (default: "
                     + ", ".join(f"{k} {v}" for k, v in DEFAULT_WARMUP.items()) + ")")
     ap.add_argument("--seed", type=int, default=1234, help="weights and data seed (same for both loops)")
+    ap.add_argument("--peers", nargs="*", default=["hf_trainer"], choices=["hf_trainer"],
+                    help="other loops beside bare and Lightning (hf_trainer needs accelerate: .[bench])")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/pretrain_step.md"), help="results file")
     args = ap.parse_args()
+    if "hf_trainer" in args.peers and not hf_trainer_available():
+        ap.error("--peers hf_trainer needs accelerate: pip install -e '.[bench]' (or pass --peers with none)")
 
     # Lightning's per-fit chatter (no GPU, tips, no val loader, few workers) would bury the figures.
     for pattern in (".*does not have many workers.*", ".*smaller than the logging interval.*",
@@ -374,7 +381,7 @@ def main() -> None:
     print("peak FLOP/s: " + ", ".join(f"{k} {v/1e9:.3g} G" for k, v in report["peaks"].items()), flush=True)
     report["cases"] = [bench_case(name, CASES[name], args.rounds, args.steps or DEFAULT_STEPS[name],
                                   DEFAULT_WARMUP[name] if args.warmup is None else args.warmup,
-                                  report["peaks"], args.seed) for name in args.models]
+                                  report["peaks"], args.seed, tuple(args.peers)) for name in args.models]
     # Probe again: if the second core was away during the first probe, the peak was too low.
     report["peaks_end"] = {"32-true": matmul_peak(torch.float32), "bf16-mixed": matmul_peak(torch.bfloat16)}
     finish_peaks(report)

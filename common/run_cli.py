@@ -2,7 +2,7 @@
 
 A run lives in ``trainer.default_root_dir``: its resolved ``config.yaml``, ``checkpoints/`` (last +
 best-k by the monitored metric) and ``wandb/``. What this base class decides once for both stages:
-precision by hardware, clipping on, W&B online-or-offline in the run directory, atomic
+precision "auto" (common/trainer.py), clipping on, W&B online-or-offline in the run directory, atomic
 weights-only checkpoint files, the global batch logged, one-line errors for bad trainer settings,
 and ``fit --ckpt_path last`` resuming from the checkpoint with the most progress (any name, SLURM's
 ``hpc_ckpt_*.ckpt`` included) while continuing the same W&B run. The run directory's guarantees
@@ -27,13 +27,6 @@ from common.global_batch import GlobalBatchLogger
 from common.run_dir import RunCheckpoint, SaveRunConfig, newest_run_checkpoint
 from common.slurm import check_slurm_allocation
 from common.wandb_logger import resume_wandb_run
-
-
-def default_precision() -> str:
-    """bf16 autocast where the GPU has it; fp32 on CPU, where autocast made a tiny GPT ~8x slower."""
-    if torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "32-true"
 
 
 def _cpu_hint(message: str) -> str:
@@ -85,7 +78,7 @@ class RunCLI(LightningCLI):
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
         parser.set_defaults({
             "trainer.default_root_dir": "runs/default",
-            "trainer.precision": default_precision(),
+            "trainer.precision": "auto",  # common/trainer.py: measured on CPU, bf16 on GPUs that have it
             "trainer.gradient_clip_val": 1.0,
             "trainer.log_every_n_steps": 10,
             # val_check_interval counts batches across epochs (runs are step-based), so

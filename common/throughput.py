@@ -156,8 +156,8 @@ def peak_flops_per_device(device: torch.device, precision: str | int,
                           override: float | None = None) -> float | None:
     """Peak dense FLOP/s of one device at ``precision``; None when unknown (MFU then not reported).
 
-    ``override`` (FLOP/s, > 0) wins, e.g. a measured matmul peak for a CPU. CPU is None otherwise:
-    there is no trustworthy table for CPUs. Hopper GPUs use ``_HOPPER_DENSE``; other CUDA GPUs
+    ``override`` (FLOP/s, > 0) wins. CPU: the matmul probe's fp32 or bf16 FLOP/s on this machine
+    (`common.matmul_probe.cpu_peaks`, cached), None for other dtypes. Hopper GPUs use ``_HOPPER_DENSE``; other CUDA GPUs
     Lightning's ``get_available_flops``. fp32 counts as TF32 unless matmul precision is "highest".
     """
     if override is not None:
@@ -167,8 +167,11 @@ def peak_flops_per_device(device: torch.device, precision: str | int,
     if (dtype := _PRECISION_DTYPES.get(str(precision))) is None:
         raise ValueError(f"unknown precision {precision!r}; expected one of {sorted(_PRECISION_DTYPES)}")
     device = torch.device(device)
-    if device.type == "cpu":
-        return None
+    if device.type == "cpu":  # no trustworthy table for CPUs: this machine's measured matmul peak
+        from common.matmul_probe import cpu_peaks
+
+        by_dtype = {torch.float32: "32-true", torch.bfloat16: "bf16-mixed"}
+        return cpu_peaks()[by_dtype[dtype]] if dtype in by_dtype else None
     if device.type == "cuda" and (form := _hopper_form_factor(torch.cuda.get_device_name(device))):
         fp32, tf32, half = _HOPPER_DENSE[form]
         if dtype is torch.float32:

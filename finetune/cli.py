@@ -12,10 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser
 
 from common.run_cli import RunCLI
+from common.trainer import LMTrainer
 from common.run_dir import SaveRunConfig
 from finetune.attention_plots import AttentionPlots
 from finetune.data import FinetuneDataModule
@@ -23,7 +23,7 @@ from finetune.results import log_wandb_table, write_results
 from finetune.system import FinetuneSystem
 
 
-class FinetuneTrainer(Trainer):
+class FinetuneTrainer(LMTrainer):
     """Lightning's Trainer with ``evaluate``: the CLI subcommand is named after the method it runs."""
 
     def evaluate(self, model: Any = None, dataloaders: Any = None, ckpt_path: str | None = None, verbose: bool = True,

@@ -12,6 +12,7 @@ from __future__ import annotations
 from lightning.pytorch.cli import LightningArgumentParser
 
 from common.run_cli import RunCLI
+from common.trainer import LMTrainer
 from common.throughput import SpeedMonitor
 from pretrain.data import PretrainDataModule
 from pretrain.samples import GenerationSamples
@@ -45,6 +46,7 @@ def main(args: list[str] | None = None) -> PretrainCLI:
         PretrainSystem,  # the family is chosen by `model.class_path`: CausalLMSystem or SpanCorruptionSystem
         PretrainDataModule,
         subclass_mode_model=True,
+        trainer_class=LMTrainer,
         parser_kwargs={"prog": "lmtrain pretrain"},
         seed_everything_default=1234,
         auto_configure_optimizers=False,  # the system builds AdamW + schedule itself

@@ -249,6 +249,7 @@ def build_corpus(config: CorpusConfig, resolved: list[ResolvedSource], tok: Any,
     writers = {s: ShardWriter(tmp, s, dtype, config.shard_tokens) for s in SPLITS}
     docs = dict.fromkeys(SPLITS, 0)
     tok_json = tok.backend_tokenizer.to_str()
+    started = time.perf_counter()
     for res, ds, streamed in loaded:
         encode = _Encode(tok_json, res.source.text_column, tok.eos_token_id)
         if streamed:
@@ -260,6 +261,7 @@ def build_corpus(config: CorpusConfig, resolved: list[ResolvedSource], tok: Any,
                 docs[split] += _write_mapped(parts[res.index, split], res, split, encode, writers[split],
                                              config.num_proc, tmp / ".hf_cache")
     files = {s: w.close() for s, w in writers.items()}
+    _log_tokenize_rate(resolved, time.perf_counter() - started, config.num_proc)
     if docs["val"] == 0:
         raise ValueError("no validation documents were held out; raise val_fraction or lower holdout_block")
 
@@ -274,6 +276,17 @@ def build_corpus(config: CorpusConfig, resolved: list[ResolvedSource], tok: Any,
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     return manifest
+
+
+def _log_tokenize_rate(resolved: list[ResolvedSource], seconds: float, num_proc: int) -> None:
+    """Tokenization throughput in MB/s per core (local input bytes; hub sources have no size here)."""
+    sizes = [Path(f).stat().st_size for r in resolved for f in (r.files or ()) if Path(f).is_file()]
+    if not sizes or seconds <= 0:
+        return
+    cores = max(1, min(num_proc, os.cpu_count() or 1))
+    mb = sum(sizes) / 1e6
+    log.info("tokenized %.1f MB of local input in %.1f s: %.1f MB/s on %d process(es), %.1f MB/s per core",
+             mb, seconds, mb / seconds, cores, mb / seconds / cores)
 
 
 def _train_texts(loaded: list, parts: dict, config: CorpusConfig, has_val_source: bool) -> Iterator[str]:

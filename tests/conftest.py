@@ -20,6 +20,9 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 # second core comes and goes; spinning threads made tiny-model steps 3-10x slower there (measured:
 # one DialogSum evaluate 7.7-18.6 s spinning, 2.1-3.5 s passive). CI sets it too (.ci/run).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# `trainer.precision: auto` picks bf16 on CPUs whose bf16 matmul is faster (common/matmul_probe.py);
+# the suite pins fp32 so its numbers do not depend on the CPU it runs on (test_throughput tests auto).
+os.environ["LMTRAIN_CPU_PRECISION"] = "32-true"
 # DeepSpeed JIT-compiles its CPU shared-memory op (~40-80 s) into ~/.cache/torch_extensions, keyed by
 # name only: every venv on a machine rebuilds it over the others' build (the include paths differ).
 # Inside a venv, tests (and the CLI subprocesses they start) keep their own copy, built once.

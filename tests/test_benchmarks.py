@@ -21,14 +21,17 @@ def test_pretrain_step_benchmark_runs_both_loops_on_the_same_computation(tmp_pat
     monkeypatch.setattr(bench, "matmul_peak", lambda dtype: 1e12)
     out = tmp_path / "step.md"
     monkeypatch.setattr(sys, "argv", ["pretrain_step.py", "--models", "gpt-tiny", "t5-tiny", "--rounds", "1",
-                                      "--steps", "2", "--warmup", "1", "--out", str(out)])
+                                      "--steps", "2", "--warmup", "1", "--peers", "hf_trainer", "--out", str(out)])
     lightning_log = logging.getLogger("lightning.pytorch")
     monkeypatch.setattr(lightning_log, "level", lightning_log.level)  # main() quiets it; restored after
     bench.main()
     report = json.loads(out.with_suffix(".json").read_text())
     assert [c["model"] for c in report["cases"]] == ["gpt-tiny", "t5-tiny"]
     for case in report["cases"]:
-        assert sorted(r["side"] for r in case["runs"]) == ["bare", "lightning"]
-        assert case["loss_spread"] == 0.0  # same weights, data and ops: the loops compute the same thing
-        assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in case["runs"])
+        assert sorted(r["side"] for r in case["runs"]) == ["bare", "hf_trainer", "lightning"]
+        assert case["loss_spread"] == 0.0  # same weights, data and ops: bare and Lightning compute the same thing
+        assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and 0 <= r["loader_wait"] < 1 for r in case["runs"])
+        best_peer = max(r["tokens_per_s"] for r in case["runs"] if r["side"] != "lightning")
+        lightning = next(r["tokens_per_s"] for r in case["runs"] if r["side"] == "lightning")
+        assert case["best_ratios"] == [lightning / best_peer]
     assert "Lightning" in out.read_text()

@@ -90,8 +90,11 @@ def test_seq2seq_flops_match_torch_count(in_len: int, out_len: int):
         seq2seq_flops_per_example(shape, in_len, -1)
 
 
-def test_peak_flops_override_cpu_and_errors():
-    assert peak_flops_per_device(torch.device("cpu"), "bf16-mixed") is None
+def test_peak_flops_override_cpu_and_errors(monkeypatch):
+    monkeypatch.setattr("common.matmul_probe.cpu_peaks", lambda: {"32-true": 2e11, "bf16-mixed": 3e11})
+    assert peak_flops_per_device(torch.device("cpu"), "bf16-mixed") == 3e11  # this machine's probe
+    assert peak_flops_per_device(torch.device("cpu"), "32") == 2e11
+    assert peak_flops_per_device(torch.device("cpu"), "16-mixed") is None  # not probed
     assert peak_flops_per_device(torch.device("cpu"), "bf16-mixed", override=4.1e11) == 4.1e11
     with pytest.raises(ValueError, match="override must be > 0, got 0"):
         peak_flops_per_device(torch.device("cpu"), "32-true", override=0)
@@ -184,7 +187,8 @@ def test_speed_monitor_logs_tokens_and_mfu(tmp_path):
     assert s["tokens_per_sec_mean"] > 0 and s["mfu_mean"] > 0 and s["tokens_per_sec_last"] > 0
 
 
-def test_speed_monitor_without_peak_on_cpu_logs_no_mfu(tmp_path, caplog):
+def test_speed_monitor_without_a_peak_logs_no_mfu(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr("common.throughput.peak_flops_per_device", lambda *a: None)
     monitor = SpeedMonitor(log_every_n_steps=2)
     rows = fit(tmp_path, monitor, ToyLM(), log_every_n_steps=1, limit_val_batches=0)
     logged = [r for r in rows if r.get("perf/tokens_per_sec")]
@@ -223,3 +227,34 @@ def test_matmul_probe_measures_each_dtype_and_picks_the_faster() -> None:
     assert 1e6 < fp32 < 1e14  # FLOP/s of a real matmul on any CPU, not 0 or inf
     assert faster_precision({"32-true": fp32, "bf16-mixed": fp32 / 2}) == "32-true"
     assert faster_precision({"32-true": fp32, "bf16-mixed": fp32 * 2}) == "bf16-mixed"
+
+
+def test_speed_monitor_logs_mfu_on_cpu_from_the_probe(tmp_path, monkeypatch):
+    monkeypatch.setattr("common.matmul_probe.cpu_peaks", lambda: {"32-true": 1e9, "bf16-mixed": 1e8})
+    monitor = SpeedMonitor()
+    rows = fit(tmp_path, monitor, ToyLM(), log_every_n_steps=1, limit_val_batches=0)
+    assert sum(1 for r in rows if r.get("perf/mfu")) == 4 and monitor.summary()["mfu_mean"] > 0
+
+
+@pytest.mark.parametrize(("peaks", "chosen"), [({"32-true": 2e11, "bf16-mixed": 1.4e9}, "32-true"),  # AVX2 only
+                                                ({"32-true": 2e11, "bf16-mixed": 3.5e11}, "bf16-mixed")])  # AVX-512 BF16
+def test_precision_auto_takes_the_faster_measured_precision_on_cpu(peaks, chosen, monkeypatch, caplog):
+    from common.trainer import LMTrainer
+
+    monkeypatch.delenv("LMTRAIN_CPU_PRECISION")
+    monkeypatch.setattr("common.matmul_probe.cpu_peaks", lambda: peaks)
+    trainer = LMTrainer(accelerator="cpu", logger=False, enable_checkpointing=False)
+    assert trainer.precision == chosen
+    assert f"trainer.precision auto -> {chosen}: CPU matmul probe" in caplog.text
+
+
+def test_cpu_probe_is_measured_once_per_machine(tmp_path, monkeypatch):
+    import common.matmul_probe as probe
+
+    monkeypatch.setenv("LMTRAIN_CACHE_DIR", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(probe, "matmul_peak", lambda dtype, **kw: calls.append(dtype) or 1e9)
+    first = probe.cpu_peaks()
+    assert probe.cpu_peaks() == first == {"32-true": 1e9, "bf16-mixed": 1e9}
+    assert len(calls) == 2  # fp32 and bf16, once: the second call read the cache
+    assert probe.cpu_peaks(refresh=True) == first and len(calls) == 4
