@@ -20,8 +20,11 @@ def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (512, 1024, 2048, 4
     at least one try). Sizes grow until one matmul takes ``max_s``: without AVX-512 BF16/AMX,
     bf16 matmuls fall back to a ~100x slower path, and a 4096² one would take minutes."""
     best = 0.0
+    # A private generator: the probe may run inside a training run (the first SpeedMonitor on a
+    # machine), and drawing from the global RNG there changed the dropout masks of that run only.
+    g = torch.Generator().manual_seed(0)
     for n in sizes:
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        a, b = torch.randn(n, n, generator=g).to(dtype), torch.randn(n, n, generator=g).to(dtype)
         t0 = time.perf_counter()
         a @ b  # warm-up: thread pool, kernel selection
         if time.perf_counter() - t0 > 4 * max_s:

@@ -258,3 +258,15 @@ def test_cpu_probe_is_measured_once_per_machine(tmp_path, monkeypatch):
     assert probe.cpu_peaks() == first == {"32-true": 1e9, "bf16-mixed": 1e9}
     assert len(calls) == 2  # fp32 and bf16, once: the second call read the cache
     assert probe.cpu_peaks(refresh=True) == first and len(calls) == 4
+
+
+def test_the_cpu_probe_leaves_the_global_rng_alone(tmp_path, monkeypatch):
+    """It can run in the middle of a fit (the first one on a machine): exact resume needs the RNG untouched."""
+    import common.matmul_probe as probe
+
+    monkeypatch.setenv("LMTRAIN_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    probe.cpu_peaks(refresh=True)
+    assert torch.equal(torch.rand(3), expected)
