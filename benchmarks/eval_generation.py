@@ -18,6 +18,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,9 +63,9 @@ def run_evaluate(args: argparse.Namespace, out: Path) -> tuple[Clock, list[str],
                             "--model.max_new_tokens", str(args.max_new_tokens),
                             "--trainer.default_root_dir", str(out), "--trainer.logger", "false",
                             "--trainer.enable_progress_bar", "false", "--trainer.precision", "32-true"])
-    split = cli.results["split"]
+    task, split = cli.results["task"], cli.results["split"]
     prompts = [json.loads(line)["text"] for line in
-               (out / "eval" / f"{args.task}-{split}-0shot" / f"prompts-{split}.jsonl").read_text().splitlines()]
+               (out / "eval" / f"{task}-{split}-0shot" / f"prompts-{split}.jsonl").read_text().splitlines()]
     return clock, prompts, list(cli.datamodule.template.stop)
 
 
@@ -94,7 +95,12 @@ def main() -> None:
     args = ap.parse_args()
     if not Path(args.model).is_dir():
         ap.error(f"--model {args.model}: no such directory (run scripts/main_job.py first, or pass an export)")
-    work = Path(f"/tmp/eval_generation_{os.getpid()}")
+    with tempfile.TemporaryDirectory() as work:
+        rows, prompts, stop = _rounds(args, Path(work))
+    _report(args, rows, stop)
+
+
+def _rounds(args: argparse.Namespace, work: Path) -> tuple[list[dict], list[str], list[str]]:
     _, prompts, stop = run_evaluate(args, work)  # warm-up, and the prompts both sides use
     rows = []
     for r in range(args.rounds):
@@ -107,6 +113,10 @@ def main() -> None:
                 row["plain_s"] = run_plain(args, prompts, stop)
         rows.append(row)
         print(row, flush=True)
+    return rows, prompts, stop
+
+
+def _report(args: argparse.Namespace, rows: list[dict], stop: list[str]) -> None:
     steps = statistics.median(r["plain_s"] / r["evaluate_steps_s"] for r in rows)
     epoch = statistics.median(r["plain_s"] / r["evaluate_epoch_s"] for r in rows)
     lines = [f"# evaluate generation vs a plain generate loop ({dt.date.today()})", "",

@@ -35,3 +35,21 @@ def test_pretrain_step_benchmark_runs_both_loops_on_the_same_computation(tmp_pat
         lightning = next(r["tokens_per_s"] for r in case["runs"] if r["side"] == "lightning")
         assert case["best_ratios"] == [lightning / best_peer]
     assert "Lightning" in out.read_text()
+
+
+def test_eval_generation_benchmark_times_both_sides_on_the_same_prompts(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.tiny_hf import save_tiny_model
+
+    fixtures = Path(__file__).parent / "fixtures" / "tasks"
+    monkeypatch.setenv("LMTRAIN_DATA_ROOT", str(fixtures))
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    bench = importlib.import_module("eval_generation")
+    model, out = save_tiny_model("gpt2", tmp_path / "gpt2"), tmp_path / "eval.md"
+    monkeypatch.setattr(sys, "argv", ["eval_generation.py", "--model", str(model), "--task", str(fixtures / "capitals.yaml"),
+                                      "--rounds", "2", "--max_new_tokens", "4", "--out", str(out)])
+    bench.main()
+    table = [line for line in out.read_text().splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(table) == 2  # one row per round, each with three positive times
+    assert all(float(cell) > 0 for line in table for cell in line.strip("| ").split(" | ")[1:])
+    assert "Speed of evaluate relative to plain" in out.read_text()
