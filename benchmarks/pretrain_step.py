@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 from common.archs import GPT2Arch, T5Arch  # noqa: E402
-from common.matmul_probe import faster_precision, matmul_peak  # noqa: E402
+from common.matmul_probe import PROBE_PRECISIONS, faster_precision, matmul_peak  # noqa: E402
 from common.optim import build_adamw, build_warmup_cosine  # noqa: E402
 from common.throughput import SpeedMonitor, seq2seq_flops_per_example, seq2seq_shape  # noqa: E402
 from pretrain.span_corruption import compute_input_and_target_lengths  # noqa: E402
@@ -283,10 +283,8 @@ def steady_state(run: RunResult, warmup: int, tokens_per_step: int, flops_per_st
     # Wait of the steps measured (step i's wait is before its end i): the data path's share of the time.
     wait = sum(run.waits[warmup + 1:]) / wall if run.waits else math.nan
     return {"tokens_per_s": steps * tokens_per_step / wall, "tokens_per_cpu_s": steps * tokens_per_step / cpu,
-            "loader_wait": wait,
-            "step_s": wall / steps,
-            "mfu": steps * flops_per_step / wall / peak, "busy_cores": cpu / wall, "steps": steps,
-            "last_loss": run.last_loss}
+            "loader_wait": wait, "step_s": wall / steps, "mfu": steps * flops_per_step / wall / peak,
+            "busy_cores": cpu / wall, "steps": steps, "last_loss": run.last_loss}
 
 
 def bench_case(name: str, case: Case, rounds: int, steps: int, warmup: int, peaks: dict[str, float],
@@ -377,18 +375,17 @@ def main() -> None:
         "command": " ".join(["python", *sys.argv]), "machine": machine((*_ENV, "OMP_NUM_THREADS")),
         "busy_start": busy_start, "load_start": " ".join(f"{x:.2f}" for x in load_start),
     }
-    report["peaks"] = {"32-true": matmul_peak(torch.float32), "bf16-mixed": matmul_peak(torch.bfloat16)}
+    report["peaks"] = {p: matmul_peak(dtype) for p, dtype in PROBE_PRECISIONS.items()}
     print("peak FLOP/s: " + ", ".join(f"{k} {v/1e9:.3g} G" for k, v in report["peaks"].items()), flush=True)
     report["cases"] = [bench_case(name, CASES[name], args.rounds, args.steps or DEFAULT_STEPS[name],
                                   DEFAULT_WARMUP[name] if args.warmup is None else args.warmup,
                                   report["peaks"], args.seed, tuple(args.peers)) for name in args.models]
     # Probe again: if the second core was away during the first probe, the peak was too low.
-    report["peaks_end"] = {"32-true": matmul_peak(torch.float32), "bf16-mixed": matmul_peak(torch.bfloat16)}
+    report["peaks_end"] = {p: matmul_peak(dtype) for p, dtype in PROBE_PRECISIONS.items()}
     finish_peaks(report)
     peaks = report["peaks"]
-    precision_note = (f"- Precision \"auto\" (gpt2-124m, t5-small) chose {resolve_precision('auto', peaks)}: "
-                      "bf16 matmul probe "
-                      f"{peaks['bf16-mixed']/1e9:.3g} GFLOP/s vs fp32 {peaks['32-true']/1e9:.3g} GFLOP/s on this CPU.")
+    precision_note = (f"- Precision \"auto\" (gpt2-124m, t5-small) chose {resolve_precision('auto', peaks)}: bf16 matmul "
+                      f"probe {peaks['bf16-mixed']/1e9:.3g} GFLOP/s vs fp32 {peaks['32-true']/1e9:.3g} GFLOP/s on this CPU.")
     report |= {"busy_end": busy_processes(), "wall_s": time.perf_counter() - t_start,
                "notes": [*NOTES, precision_note]}
     args.out.parent.mkdir(parents=True, exist_ok=True)

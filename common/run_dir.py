@@ -30,7 +30,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 
 from common.checkpoints import checkpoint_step, newest_checkpoint, run_checkpoints
-from common.staging import describe_removed, remove_stale, staging_path
+from common.staging import describe_removed, entry_size, remove_stale, staging_path
 
 log = logging.getLogger(__name__)
 _VERSIONED = re.compile(r"^.+-v\d+\.ckpt$")  # Lightning's duplicate names (last-v1.ckpt, ...)
@@ -48,7 +48,7 @@ class SaveRunConfig(SaveConfigCallback):
         self.already_saved = True
         run = Path(trainer.default_root_dir)
         run.mkdir(parents=True, exist_ok=True)
-        text = self.parser.dump(self.config, skip_none=False)
+        text = self.dump()
         segments = sorted((p for p in run.glob("config*.yaml") if re.fullmatch(r"config(-\d+)?\.yaml", p.name)),
                           key=lambda p: int(p.stem.partition("-")[2] or 1))
         if segments and _settings(segments[-1].read_text()) == _settings(text):
@@ -109,7 +109,7 @@ class RunCheckpoint(ModelCheckpoint):
         removed = remove_stale(ckpt_dir) + remove_stale(run_dir)
         # DeepSpeed's all-rank partial directories carry no writer; this start is the run's only writer.
         for partial in [*ckpt_dir.glob("*.ckpt.partial"), *run_dir.glob("hpc_ckpt_*.ckpt.partial")]:
-            removed.append((partial, sum(f.stat().st_size for f in partial.rglob("*") if f.is_file())))
+            removed.append((partial, entry_size(partial)))
             shutil.rmtree(partial, ignore_errors=True)
         if removed:
             print(describe_removed(removed, "partial file(s) of killed runs"))
@@ -139,9 +139,9 @@ class RunCheckpoint(ModelCheckpoint):
 def newest_run_checkpoint(checkpoint_dir: str | os.PathLike, run_dir: str | os.PathLike) -> Path | None:
     """The checkpoint ``fit --ckpt_path last`` resumes: the most progress among all of the run's
     (saying so when it skips an unreadable newer one)."""
-    candidates = run_checkpoints(run_dir, checkpoint_dir)
-    newest = newest_checkpoint(candidates)
-    if newest is not None and len(candidates) > 1:
-        print(f"resuming from {newest} (step {checkpoint_step(newest)}, the most progress of {len(candidates)} "
+    candidates, steps = run_checkpoints(run_dir, checkpoint_dir), {}
+    newest = newest_checkpoint(candidates, read_step=lambda p: steps.setdefault(p, checkpoint_step(p)))
+    if newest is not None and len(candidates) > 1:  # each candidate was read once, above
+        print(f"resuming from {newest} (step {steps[newest]}, the most progress of {len(candidates)} "
               "checkpoints)")
     return newest

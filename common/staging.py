@@ -59,7 +59,8 @@ def _last_change(path: Path) -> float:
     return max(times)
 
 
-def _size(path: Path) -> int:
+def entry_size(path: Path) -> int:
+    """Bytes in a file, or in every file under a folder."""
     if not path.is_dir():
         return path.stat().st_size
     return sum(os.stat(os.path.join(parent, f)).st_size for parent, _, files in os.walk(path) for f in files)
@@ -95,7 +96,7 @@ def remove_stale(directory: str | os.PathLike, final_names: set[str] | None = No
         try:
             if not is_stale(entry, now):
                 continue
-            size = _size(entry)
+            size = entry_size(entry)
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         except FileNotFoundError:  # another process cleaned it first
             continue
