@@ -1,6 +1,10 @@
-"""The Hugging Face Trainer as a peer in benchmarks/pretrain_step.py, set up the way `run_clm.py` does.
+"""The Hugging Face peers in benchmarks/pretrain_step.py: the Trainer set up the way `run_clm.py` does,
+and the model a user of transformers gets for the same shape.
 
-Same model object (same seed, same initial weights), the same fixed batches' tokens, the same
+The model (``hf_default_model``): the project's model config with HF's own defaults where the
+project chose otherwise (the activation: GPT2Config's ``gelu_new`` / T5's ``gated-gelu``, the
+tanh GELU as Python ops, where common/archs.py uses the fused kernel), built by ``from_config``
+from the same seed (same initial weights). The Trainer then gets the same fixed batches' tokens, the same
 optimizer settings (fused AdamW, betas, weight decay), warmup + cosine to the same floor
 (``cosine_with_min_lr``), clipping at 1.0, bf16 autocast when the case is bf16-mixed. What differs
 is what run_clm does: GPT-2 gets ``labels = input_ids`` (the model shifts them, T - 1 predicted
@@ -35,6 +39,21 @@ class _Rows(Dataset):
         return self.rows[i]
 
 
+def hf_default_model(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """``model``'s shape as transformers' config classes build it by default (run_clm: AutoConfig + from_config)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    config = model.config.to_dict()
+    if model.config.is_encoder_decoder:  # T5Config derives dense_act_fn/is_gated_act from feed_forward_proj
+        config = {k: v for k, v in config.items() if k not in ("dense_act_fn", "is_gated_act")}
+        config["feed_forward_proj"] = "gated-gelu" if model.config.is_gated_act else config["feed_forward_proj"]
+    else:
+        config["activation_function"] = "gelu_new"
+    auto = AutoModelForSeq2SeqLM if model.config.is_encoder_decoder else AutoModelForCausalLM
+    torch.manual_seed(seed)
+    return auto.from_config(type(model.config).from_dict(config))
+
+
 def available() -> bool:
     try:
         import accelerate  # noqa: F401 - the Trainer's hard requirement
@@ -44,7 +63,7 @@ def available() -> bool:
 
 
 def run_hf_trainer(case: Any, system: Any, loader: DataLoader, max_steps: int, result_cls: type) -> Any:
-    """Train ``system.model`` with transformers.Trainer; step-end clocks as in the other loops."""
+    """Train ``system.model`` (a ``hf_default_model``) with transformers.Trainer; step-end clocks as in the other loops."""
     from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
     hp = system.hparams

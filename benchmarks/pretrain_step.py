@@ -6,8 +6,10 @@ fused AdamW, warmup-cosine LR, zero_grad. Two families: GPT-2 (next-token cross-
 logits) and the T5 encoder-decoder (``model(input_ids=..., labels=...).loss``, span-corruption
 shapes: encoder inputs and shorter decoder targets). The Lightning side fits the project's real
 ``CausalLMSystem`` / ``SpanCorruptionSystem`` (its logging and grad-norm clipping hook included)
-with the project's ``SpeedMonitor``; the bare side does the same by hand. Per round the two run
-back to back in this process, alternating which goes first, so both see the same machine state.
+with the project's ``SpeedMonitor``; the bare side does the same by hand (Lightning's overhead).
+The peers (``--peers``) train the shape as transformers builds it by default: ``bare_hf``, the bare
+loop, and ``hf_trainer``, the Trainer as run_clm.py sets it up (benchmarks/hf_trainer_worker.py).
+Per round all run back to back in this process, the order rotating, so all see the same machine.
 
 Time per optimizer step = wall time between the ends of consecutive steps (what SpeedMonitor
 measures), so every per-step cost of either loop (data fetch, hooks, logging, LR step) counts.
@@ -16,7 +18,6 @@ matmul probe in the same run.
 
     python benchmarks/pretrain_step.py                      # all four models, default rounds
     python benchmarks/pretrain_step.py --models gpt-tiny --rounds 2 --steps 20
-    python benchmarks/pretrain_step.py --models t5-tiny t5-small
 """
 
 from __future__ import annotations
@@ -60,12 +61,13 @@ from common.optim import build_adamw, build_warmup_cosine  # noqa: E402
 from common.throughput import SpeedMonitor, seq2seq_flops_per_example, seq2seq_shape  # noqa: E402
 from pretrain.span_corruption import compute_input_and_target_lengths  # noqa: E402
 from pretrain.system import CausalLMSystem, PretrainSystem, SpanCorruptionSystem  # noqa: E402
-from hf_trainer_worker import available as hf_trainer_available, run_hf_trainer  # noqa: E402
+from hf_trainer_worker import available as hf_trainer_available, hf_default_model, run_hf_trainer  # noqa: E402
 from step_report import FLOOR, NOTES, busy_processes, finish_peaks, machine, markdown, summarize  # noqa: E402 - beside this script
 
 # Per run: measured steps and unmeasured warm-up steps: 15-35 s per run on this VM with both cores,
 # about twice that with one (a round is two runs; the whole default set takes 10-15 min).
 DEFAULT_STEPS = {"gpt-tiny": 60, "gpt2-124m": 8, "t5-tiny": 120, "t5-small": 28}
+HF_PEERS = ("bare_hf", "hf_trainer")  # peers: benchmarks/hf_trainer_worker.py
 DEFAULT_WARMUP = {"gpt-tiny": 3, "gpt2-124m": 2, "t5-tiny": 3, "t5-small": 2}
 
 
@@ -85,6 +87,7 @@ class Case:
     precision: str
     lr: float
     target_len: int = 0  # T5 only: decoder targets per example
+    compile: bool = False  # --compile: torch.compile our model (bare + Lightning); the peers stay eager
 
     @property
     def seq2seq(self) -> bool:
@@ -113,7 +116,7 @@ CASES: dict[str, Case] = {
                      "32-true", 2e-3),
     # configs/pretrain/gpt2-124m.yaml shape with GPT-2's 50,257 tokens + pad (-> 50,304). Batch cut
     # from 8x1024 (x8 accumulation) to 4x128 so a round takes 1-2 minutes on 2 cores. Precision
-    # "auto": the preset's bf16-mixed only where bf16 matmuls are fast (see resolve_precision).
+    # "auto": the preset's bf16-mixed only where bf16 matmuls are fast (see bench_case).
     "gpt2-124m": Case(GPT2Arch(), 50258, 4, 128, "auto", 6e-4),
     # configs/pretrain/t5-tiny.yaml: 2+2 layers, d=128, gated-GELU d_ff=256, 4 heads x 32; 4,096 BPE
     # + 100 sentinels = 4,196 ids (-> 4,224); B=16, 128 inputs + 29 targets; fp32.
@@ -140,14 +143,9 @@ def make_tokenizer(n_tokens: int) -> PreTrainedTokenizerFast:
 
 
 def make_loader(case: Case, n_batches: int, seed: int) -> DataLoader:
-    """``n_batches`` fixed random batches, held in memory, one per step: GPT-2 ``{"input_ids",
-    "targets"}`` (B, T) each; T5 ``{"input_ids": (B, T_in), "labels": (B, T_out)}``, the shapes the
-    span-corruption data module yields (random ids stand in for corrupted text and spans: the
-    step's cost depends on the shapes only).
-
-    Both loops iterate a DataLoader over the same list (batch_size=None: no collation), so the
-    data path costs the same on both sides and the benchmark measures the training step.
-    """
+    """``n_batches`` fixed random batches in memory, one per step: GPT-2 ``{"input_ids", "targets"}``
+    (B, T); T5 ``{"input_ids": (B, T_in), "labels": (B, T_out)}``, the span-corruption shapes (the
+    cost depends on shapes only). Every loop iterates a DataLoader over the same list (no collation)."""
     g = torch.Generator().manual_seed(seed)
     # Ordinary token ids only (not EOS 0 / pad 1, nor the padded ids no tokenizer emits).
     if case.seq2seq:
@@ -161,13 +159,11 @@ def make_loader(case: Case, n_batches: int, seed: int) -> DataLoader:
 
 
 def fresh_system(case: Case, tokenizer: PreTrainedTokenizerFast, seed: int, max_steps: int) -> PretrainSystem:
-    """The project's system with its model built now (same seed -> same weights on both sides).
-
-    A built ``system.model`` makes ``configure_model`` a no-op, so no data module is needed.
-    """
+    """The project's system with its model built now (same seed -> same weights on every side; a
+    built ``system.model`` makes ``configure_model`` a no-op, so no data module is needed)."""
     # LR warmup over the first quarter: the schedule needs max_steps > warmup; speed ignores the LR.
     system_cls = SpanCorruptionSystem if case.seq2seq else CausalLMSystem
-    system = system_cls(arch=case.arch, lr=case.lr, warmup_steps=max_steps // 4)
+    system = system_cls(arch=case.arch, lr=case.lr, warmup_steps=max_steps // 4, compile=case.compile)
     torch.manual_seed(seed)
     system.build(tokenizer, case.seq_len)  # what configure_model does with the data module's inputs
     return system
@@ -269,11 +265,6 @@ def run_lightning(case: Case, system: PretrainSystem, loader: DataLoader, max_st
 
 
 # ---- measurement ----------------------------------------------------------------------------
-def resolve_precision(precision: str, peaks: dict[str, float]) -> str:
-    """"auto": bf16-mixed where the bf16 matmul probe beats fp32 (AVX-512 BF16 / AMX CPUs), else 32-true."""
-    return faster_precision(peaks) if precision == "auto" else precision
-
-
 def steady_state(run: RunResult, warmup: int, tokens_per_step: int, flops_per_step: float,
                  peak: float) -> dict[str, float]:
     """Tokens/s, MFU and busy cores over the steps after the first ``warmup`` (end-to-end)."""
@@ -290,7 +281,8 @@ def steady_state(run: RunResult, warmup: int, tokens_per_step: int, flops_per_st
 def bench_case(name: str, case: Case, rounds: int, steps: int, warmup: int, peaks: dict[str, float],
                seed: int, peers: tuple[str, ...] = ()) -> dict[str, Any]:
     """``rounds`` x (bare, Lightning, ``peers``), the order rotating; per-run figures and their summary."""
-    case = replace(case, precision=resolve_precision(case.precision, peaks))
+    # "auto": bf16-mixed where the bf16 matmul probe beats fp32 (AVX-512 BF16 / AMX CPUs), else 32-true.
+    case = replace(case, precision=faster_precision(peaks) if case.precision == "auto" else case.precision)
     tokenizer = make_tokenizer(case.n_tokens)
     max_steps = warmup + 1 + steps  # step 0..warmup are not measured (the clock starts at step `warmup`)
     peak = peaks[case.precision]
@@ -304,9 +296,11 @@ def bench_case(name: str, case: Case, rounds: int, steps: int, warmup: int, peak
         sides = ("bare", "lightning", *peers)
         for side in sides[r % len(sides):] + sides[:r % len(sides)]:
             gc.collect()
-            system = fresh_system(case, tokenizer, seed, max_steps)  # fresh weights, same for both sides
+            system = fresh_system(case, tokenizer, seed, max_steps)  # fresh weights, same for every side
+            if side in HF_PEERS:  # the same shape and weights as HF's defaults build it
+                system.model = hf_default_model(system.model, seed)
             loader = make_loader(case, max_steps, seed)
-            if side == "bare":
+            if side in ("bare", "bare_hf"):
                 run = run_bare(case, system, loader, max_steps)
             elif side == "hf_trainer":
                 run = run_hf_trainer(case, system, loader, max_steps, RunResult)
@@ -322,15 +316,17 @@ def bench_case(name: str, case: Case, rounds: int, steps: int, warmup: int, peak
             del system, loader, run
     by = {s: [x for x in runs if x["side"] == s] for s in ("bare", "lightning", *peers)}
     ratios = [lt["tokens_per_s"] / b["tokens_per_s"] for b, lt in zip(by["bare"], by["lightning"])]
-    # Against the fastest other loop of the same round (the bare loop and every peer).
-    best_ratios = [by["lightning"][i]["tokens_per_s"] / max(by[s][i]["tokens_per_s"] for s in by if s != "lightning")
+    # Against the fastest peer of the same round (the bare loop runs our own model: it measures
+    # Lightning's overhead, not how fast a peer's user trains); without peers, against the bare loop.
+    others = peers or ("bare",)
+    best_ratios = [by["lightning"][i]["tokens_per_s"] / max(by[s][i]["tokens_per_s"] for s in others)
                    for i in range(rounds)]
     # Secondary: per CPU-second, which the hypervisor taking a core away does not move. It misses
     # single-threaded overhead that leaves the second core idle, so the floor uses wall time.
     cpu_ratios = [lt["tokens_per_cpu_s"] / b["tokens_per_cpu_s"] for b, lt in zip(by["bare"], by["lightning"])]
-    losses = [x["last_loss"] for x in runs if x["side"] in ("bare", "lightning")]  # hf: run_clm's labels
+    losses = [x["last_loss"] for x in runs if x["side"] in ("bare", "lightning")]  # peers: other ops or labels
     return {
-        "model": name, "family": "t5" if case.seq2seq else "gpt2", "precision": case.precision,
+        "model": name, "family": "t5" if case.seq2seq else "gpt2", "precision": case.precision + (", compiled" if case.compile else ""),
         "batch_size": case.batch_size, "seq_len": case.seq_len, "target_len": case.target_len if case.seq2seq else None,
         "shape": case.shape, "tokens_per_step": case.tokens_per_step, "vocab": vocab, "n_params": n_params,
         "flops_per_step": step_flops, "peak_flops": peak, "max_steps": max_steps, "warmup": warmup,
@@ -357,8 +353,10 @@ def main() -> None:
                     help="unmeasured steps at the start of every run (default: "
                     + ", ".join(f"{k} {v}" for k, v in DEFAULT_WARMUP.items()) + ")")
     ap.add_argument("--seed", type=int, default=1234, help="weights and data seed (same for both loops)")
-    ap.add_argument("--peers", nargs="*", default=["hf_trainer"], choices=["hf_trainer"],
-                    help="other loops beside bare and Lightning (hf_trainer needs accelerate: .[bench])")
+    ap.add_argument("--peers", nargs="*", default=list(HF_PEERS), choices=list(HF_PEERS),
+                    help="other loops beside bare and Lightning, on HF's default model for the shape: "
+                    "bare_hf (the bare loop), hf_trainer (needs accelerate: .[bench])")
+    ap.add_argument("--compile", action="store_true", help="--model.compile true for our model (warm-up covers the compile)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/pretrain_step.md"), help="results file")
     args = ap.parse_args()
     if "hf_trainer" in args.peers and not hf_trainer_available():
@@ -377,14 +375,14 @@ def main() -> None:
     }
     report["peaks"] = {p: matmul_peak(dtype) for p, dtype in PROBE_PRECISIONS.items()}
     print("peak FLOP/s: " + ", ".join(f"{k} {v/1e9:.3g} G" for k, v in report["peaks"].items()), flush=True)
-    report["cases"] = [bench_case(name, CASES[name], args.rounds, args.steps or DEFAULT_STEPS[name],
+    report["cases"] = [bench_case(name, replace(CASES[name], compile=args.compile), args.rounds, args.steps or DEFAULT_STEPS[name],
                                   DEFAULT_WARMUP[name] if args.warmup is None else args.warmup,
                                   report["peaks"], args.seed, tuple(args.peers)) for name in args.models]
     # Probe again: if the second core was away during the first probe, the peak was too low.
     report["peaks_end"] = {p: matmul_peak(dtype) for p, dtype in PROBE_PRECISIONS.items()}
     finish_peaks(report)
     peaks = report["peaks"]
-    precision_note = (f"- Precision \"auto\" (gpt2-124m, t5-small) chose {resolve_precision('auto', peaks)}: bf16 matmul "
+    precision_note = (f"- Precision \"auto\" (gpt2-124m, t5-small) chose {faster_precision(peaks)}: bf16 matmul "
                       f"probe {peaks['bf16-mixed']/1e9:.3g} GFLOP/s vs fp32 {peaks['32-true']/1e9:.3g} GFLOP/s on this CPU.")
     report |= {"busy_end": busy_processes(), "wall_s": time.perf_counter() - t_start,
                "notes": [*NOTES, precision_note]}
