@@ -326,7 +326,7 @@ def bench_case(name: str, case: Case, rounds: int, steps: int, warmup: int, peak
     cpu_ratios = [lt["tokens_per_cpu_s"] / b["tokens_per_cpu_s"] for b, lt in zip(by["bare"], by["lightning"])]
     losses = [x["last_loss"] for x in runs if x["side"] in ("bare", "lightning")]  # peers: other ops or labels
     return {
-        "model": name, "family": "t5" if case.seq2seq else "gpt2", "precision": case.precision + (", compiled" if case.compile else ""),
+        "model": name, "family": "t5" if case.seq2seq else "gpt2", "precision": case.precision, "compiled": case.compile,
         "batch_size": case.batch_size, "seq_len": case.seq_len, "target_len": case.target_len if case.seq2seq else None,
         "shape": case.shape, "tokens_per_step": case.tokens_per_step, "vocab": vocab, "n_params": n_params,
         "flops_per_step": step_flops, "peak_flops": peak, "max_steps": max_steps, "warmup": warmup,

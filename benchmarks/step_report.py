@@ -75,6 +75,10 @@ def git(*args: str) -> str:
 
 
 # ---- report ---------------------------------------------------------------------------------
+def _precision(case: dict) -> str:
+    return case["precision"] + (", compiled (ours; peers eager)" if case.get("compiled") else "")
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The results file: command, machine, table, per-run figures, noise note."""
     m, lines = report["machine"], []
@@ -108,7 +112,7 @@ def markdown(report: dict[str, Any]) -> str:
         cells = " | ".join(f"{c[f'{s}_tokens_per_s']['median']:.0f}" if f"{s}_tokens_per_s" in c else "–"
                            for s in PEER_COLUMNS)
         peer_lines.append(
-            f"| {c['model']} | {c['precision']} | {cells} "
+            f"| {c['model']} | {_precision(c)} | {cells} "
             f"| {c['lightning_tokens_per_s']['median']:.0f} "
             f"| **{c['best_ratio_median']:.3f}** ({', '.join(f'{x:.3f}' for x in c['best_ratios'])}) "
             f"| {c['loader_wait_max']:.2%} |")
@@ -116,7 +120,7 @@ def markdown(report: dict[str, Any]) -> str:
         def rng(d: dict[str, float], f: str) -> str:
             return f"{format(d['median'], f)} ({format(d['min'], f)}–{format(d['max'], f)})"
         lines.append(
-            f"| {c['model']} ({c['n_params']/1e6:.1f}M) | {c['precision']} | {c['shape']} "
+            f"| {c['model']} ({c['n_params']/1e6:.1f}M) | {_precision(c)} | {c['shape']} "
             f"| {rng(c['bare_tokens_per_s'], '.0f')} | {rng(c['lightning_tokens_per_s'], '.0f')} "
             f"| **{c['ratio_median']:.3f}** ({', '.join(f'{x:.3f}' for x in c['ratios'])}) "
             f"| {c['cpu_ratio_median']:.3f} ({', '.join(f'{x:.3f}' for x in c['cpu_ratios'])}) "

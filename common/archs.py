@@ -1,6 +1,6 @@
 """Transformer architectures trained from scratch (pretraining, and fine-tuning's ``--model.scratch``).
 
-We do not re-implement GPT-2 or T5: `GPT2Config` -> `GPT2LMHeadModel` (SDPA attention) is the
+We do not re-implement GPT-2, T5 or Marian: `GPT2Config` -> `GPT2LMHeadModel` (SDPA attention) is the
 architecture. What lives here is the mapping from a small, typed preset (what a YAML names; a bad
 type or choice fails when the config is parsed, a shape that cannot be built when the run starts:
 ``check``) to the HF config, plus the vocabulary rule: the model's
@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
+from transformers import GPT2Config, GPT2LMHeadModel, MarianConfig, MarianMTModel, T5Config, T5ForConditionalGeneration
 
 
 def padded_vocab_size(n_tokens: int, multiple: int = 64) -> int:
@@ -203,3 +203,71 @@ def build_t5(arch: T5Arch, tokenizer_size: int, eos_id: int, pad_id: int) -> T5F
         decoder_start_token_id=pad_id,
     )
     return T5ForConditionalGeneration(config)
+
+
+@dataclass
+class MarianArch:
+    """The NMT transformer of Vaswani et al. (2017) as Marian/opus-mt build it: post-norm encoder-
+    decoder, sinusoidal positions (fixed, not trained), embeddings scaled by sqrt(d_model), one
+    embedding shared by encoder, decoder and output layer. Defaults are a small model for 2 CPU
+    cores (3+3 layers, d=256, 4 heads, FFN 1024: ~4.7M parameters + 256 x vocab embedding); the
+    base model is d_model 512, 6+6 layers, 8 heads, FFN 2048.
+
+    Args:
+        d_model: Model width.
+        ffn_dim: Feed-forward inner width.
+        num_heads: Attention heads (must divide d_model).
+        encoder_layers: Encoder blocks.
+        decoder_layers: Decoder blocks.
+        max_positions: Longest sequence (sinusoidal table size).
+        dropout: Dropout on residuals; attention and activation dropout as in the paper's base (0.1/0).
+        attention_dropout: Dropout on attention weights.
+        activation: FFN activation ("relu" as in the paper; Marian's released models use "swish").
+        vocab_size: Model vocabulary; None = the tokenizer's size padded to vocab_multiple.
+        vocab_multiple: Round the vocabulary up to this multiple.
+        model_type: Always "marian" (names this arch where several are possible).
+    """
+
+    model_type: Literal["marian"] = "marian"
+    d_model: int = 256
+    ffn_dim: int = 1024
+    num_heads: int = 4
+    encoder_layers: int = 3
+    decoder_layers: int = 3
+    max_positions: int = 512
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    activation: Literal["relu", "gelu", "swish"] = "relu"
+    vocab_size: int | None = None
+    vocab_multiple: int = 64
+
+    def check(self, key: str = "model.arch") -> None:
+        """Raise naming ``key`` and the field when this shape cannot be built (see GPT2Arch.check)."""
+        _check_positive(self, key, ("d_model", "ffn_dim", "num_heads", "encoder_layers", "decoder_layers",
+                                    "max_positions", "vocab_multiple"))
+        if self.d_model % self.num_heads:
+            raise ValueError(f"{key}: d_model={self.d_model} is not divisible by num_heads={self.num_heads} "
+                             f"(e.g. num_heads={_divisor_near(self.d_model, self.num_heads)})")
+        _check_dropout(self.dropout, key)
+        _check_dropout(self.attention_dropout, key)
+
+    resolve_vocab = GPT2Arch.resolve_vocab
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_marian(arch: MarianArch, tokenizer_size: int, eos_id: int, pad_id: int) -> MarianMTModel:
+    """A randomly initialised MarianMTModel; decoding starts from the pad token, as in Marian."""
+    arch.check()
+    config = MarianConfig(
+        vocab_size=arch.resolve_vocab(tokenizer_size), d_model=arch.d_model,
+        encoder_layers=arch.encoder_layers, decoder_layers=arch.decoder_layers,
+        encoder_attention_heads=arch.num_heads, decoder_attention_heads=arch.num_heads,
+        encoder_ffn_dim=arch.ffn_dim, decoder_ffn_dim=arch.ffn_dim, max_position_embeddings=arch.max_positions,
+        dropout=arch.dropout, attention_dropout=arch.attention_dropout, activation_function=arch.activation,
+        scale_embedding=True, share_encoder_decoder_embeddings=True, tie_word_embeddings=True,
+        pad_token_id=pad_id, eos_token_id=eos_id, forced_eos_token_id=eos_id, decoder_start_token_id=pad_id,
+        bos_token_id=None,
+    )
+    return MarianMTModel(config)

@@ -24,13 +24,13 @@ from typing import Any, Union
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
 
-from common.archs import GPT2Arch, T5Arch, build_gpt2, build_t5
+from common.archs import GPT2Arch, MarianArch, T5Arch, build_gpt2, build_marian, build_t5
 from common.checkpoints import (ModelKind, is_lmtrain_checkpoint_path, load_any_checkpoint, model_kind,
                                 resolve_checkpoint)
 from finetune.rnn.arch import RNNArch
 
-ScratchArch = Union[GPT2Arch, T5Arch, RNNArch]
-SCRATCH_ARCHS = {arch.model_type: arch for arch in (GPT2Arch, T5Arch, RNNArch)}
+ScratchArch = Union[GPT2Arch, T5Arch, MarianArch, RNNArch]
+SCRATCH_ARCHS = {arch.model_type: arch for arch in (GPT2Arch, T5Arch, MarianArch, RNNArch)}
 
 
 @dataclass
@@ -182,6 +182,8 @@ def build_scratch_model(arch: ScratchArch, tokenizer: Any) -> PreTrainedModel:
         model = build_gpt2(arch, len(tokenizer), eos, pad)
     elif isinstance(arch, T5Arch):
         model = build_t5(arch, len(tokenizer), eos, pad)  # the pad id starts decoding, as in T5
+    elif isinstance(arch, MarianArch):
+        model = build_marian(arch, len(tokenizer), eos, pad)
     else:
         from finetune.rnn import RNNSeq2SeqForConditionalGeneration
 

@@ -36,6 +36,12 @@ def test_pretrain_step_benchmark_runs_both_loops_on_the_same_computation(tmp_pat
         lightning = next(r["tokens_per_s"] for r in case["runs"] if r["side"] == "lightning")
         assert case["best_ratios"] == [lightning / best_peer]
     assert "Lightning" in out.read_text()
+    # A --compile run (not run here: ~40 s of compiling) reports the same way, saying so.
+    report_module = importlib.import_module("step_report")
+    for case in report["cases"]:
+        case["compiled"] = True
+    report_module.finish_peaks(report)
+    assert "compiled (ours; peers eager)" in report_module.markdown(report)
 
 
 @pytest.mark.parametrize("name", ["gpt-tiny", "t5-tiny"])

@@ -50,3 +50,39 @@ models:
     assert all(0 < p["bleu_p_value"] <= 1 for p in results["paired"]) and "Paired tests" in table
     assert (out / "bleu_by_length.png").read_bytes().startswith(PNG)
     assert list((out / "attention").glob("*.png")), "the best model with attention gets alignment plots"
+
+
+def test_compare_under_a_wall_clock_budget_draws_learning_curves(tmp_path: Path, shared_splits) -> None:
+    """The same minutes of training for each model, each with its own recipe (model_options), and
+    validation BLEU against training minutes and steps for all of them."""
+    config = tmp_path / "compare.yaml"
+    config.write_text(f"""\
+task: reverse
+budget_minutes: 0.1      # 6 s of training per model
+val_every_minutes: 0.03
+max_steps: 100000
+batch_size: 8
+max_train_examples: 2000
+warmup_steps: 45         # past the budget's 40 timed steps (its schedule is fitted then)
+tokenizer_vocab_size: 300
+max_eval_examples: 20
+max_new_tokens: 8
+length_buckets: [1000]
+out_dir: {tmp_path / 'out'}
+model_options:
+  transformer: {{batch_size: 16, label_smoothing: 0.1, lr: 2.0e-3}}
+models:
+  rnn_luong: {{model_type: rnn_seq2seq, embedding_dim: 16, hidden_size: 16, attention: luong_general}}
+  transformer: {{model_type: marian, d_model: 16, ffn_dim: 32, num_heads: 2, encoder_layers: 1, decoder_layers: 1}}
+""")
+    results = compare_main(["--config", str(config)])
+    out = tmp_path / "out"
+    for model in results["models"]:
+        assert model["steps"] > 40, model["name"]  # past calibration: the horizon was set from the rate
+        assert 0.08 <= model["train_minutes"] <= 0.13, model  # the budget, validation excluded
+        assert len(model["curve"]) >= 2 and all("train_minutes" in p and "step" in p for p in model["curve"])
+    fit_config = (out / "transformer" / "config.yaml").read_text()
+    assert "label_smoothing: 0.1" in fit_config and "batch_size: 16" in fit_config  # its own recipe
+    assert "label_smoothing: 0.0" in (out / "rnn_luong" / "config.yaml").read_text()
+    assert (out / "learning_curves.png").read_bytes().startswith(PNG)
+    assert "6 s" not in (table := (out / "comparison.md").read_text()) and "minutes of training time" in table

@@ -71,8 +71,8 @@ def check_compare_config(config) -> None:
 
     load_task(config.task)
     assert config.models, "compare: `models` is empty"
-    unknown_lr = sorted(set(config.learning_rates) - set(config.models))
-    assert not unknown_lr, f"learning_rates for models that are not in `models`: {unknown_lr}"
+    unknown = sorted(set(config.model_options) - set(config.models))
+    assert not unknown, f"model_options for models that are not in `models`: {unknown}"
     for name, arch in config.models.items():
         assert not isinstance(arch, GPT2Arch), name  # a translation comparison: seq2seq models
 
@@ -81,12 +81,13 @@ COMPARE_YAML = CONFIGS / "compare" / "translation_en_fr.yaml"
 
 
 @pytest.mark.parametrize(("edit", "message"), [
-    (lambda text: text.replace("max_steps: 800", "max_steps: 800\nmax_stpes: 3"), "'max_stpes' is not accepted"),
-    (lambda text: text.replace("max_steps: 800", "max_steps: many"), "max_steps"),
+    (lambda text: text.replace("max_steps: 100000", "max_steps: 100000\nmax_stpes: 3"), "'max_stpes' is not accepted"),
+    (lambda text: text.replace("max_steps: 100000", "max_steps: many"), "max_steps"),
     # the model archs are typed: an unknown option or choice fails when the YAML is parsed
     (lambda text: text.replace("attention: bahdanau,", "atention: bahdanau,"), "'atention' is not accepted"),
     (lambda text: text.replace("attention: bahdanau,", "attention: bahdanu,"), "bahdanu"),
-    (lambda text: text.replace("{transformer: 5.0e-4}", "{transfomer: 5.0e-4}"), "learning_rates names no model"),
+    (lambda text: text.replace("  transformer: {batch_size", "  transfomer: {batch_size"), "model_options names no model"),
+    (lambda text: text.replace("label_smoothing: 0.1}", "label_smothing: 0.1}"), "unknown option(s) ['label_smothing']"),
 ])
 def test_compare_parser_refuses_unknown_keys_and_bad_values(edit, message: str, tmp_path: Path,
                                                             capsys: pytest.CaptureFixture,

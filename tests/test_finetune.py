@@ -157,6 +157,25 @@ def test_seq2seq_labels_are_the_target_with_padding_ignored(tiny: dict[str, Path
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "t5"])
+def test_label_smoothing_scores_the_same_targets_as_the_model_loss(kind: str, tiny: dict[str, Path]) -> None:
+    """Smoothing recomputes the loss from the logits: the targets must line up with the model's own
+    (decoder: shifted by one), so a vanishing smoothing gives the model's loss, and 0.1 changes it."""
+    from finetune.system import FinetuneSystem
+
+    rows = [{"source": "I am happy.", "target": "Je suis content."}, {"source": "Hi.", "target": "Salut."}]
+    _, _, batch, _ = _train_batch(tiny[kind], kind, rows)
+    losses = {}
+    for smoothing in (0.0, 1e-7, 0.1):
+        system = FinetuneSystem(init=str(tiny[kind]), label_smoothing=smoothing)
+        system.log_train_loss = lambda loss: None  # no trainer attached
+        losses[smoothing] = float(system.training_step(batch, 0))
+    assert losses[1e-7] == pytest.approx(losses[0.0], abs=1e-4)
+    assert losses[0.1] != pytest.approx(losses[0.0], abs=1e-5)  # (a random model is near-uniform: a small change)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        FinetuneSystem(init=str(tiny[kind]), label_smoothing=1.0)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "t5"])
 def test_training_sequences_never_exceed_max_length(kind: str, tiny: dict[str, Path]) -> None:
     """Issue 10, defect 7: a completion as long as max_length used to keep the whole prompt too."""
     long_target = " ".join(["Paris"] * 80)

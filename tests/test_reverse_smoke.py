@@ -18,6 +18,8 @@ FAMILIES = {
             1e-2),
     "transformer": ("{model_type: t5, d_model: 64, d_ff: 256, d_kv: 16, num_heads: 4, num_layers: 2, "
                     "dropout: 0.0, feed_forward_proj: relu}", 2e-3),
+    "nmt_transformer": ("{model_type: marian, d_model: 64, ffn_dim: 256, num_heads: 4, encoder_layers: 2, "
+                        "decoder_layers: 2, dropout: 0.0, attention_dropout: 0.0}", 2e-3),
 }
 
 

@@ -123,6 +123,7 @@ def test_scratch_archs_are_typed_and_checked_at_parse_time(capsys: pytest.Captur
 @pytest.mark.parametrize(("scratch", "message"), [
     ("{model_type: gpt2, n_head: 5, n_embd: 32}", "model.scratch: n_embd=32 is not divisible by n_head=5"),
     ("{model_type: t5, num_heads: 0}", "model.scratch.num_heads must be >= 1, got 0"),
+    ("{model_type: marian, d_model: 30, num_heads: 4}", "model.scratch: d_model=30 is not divisible by num_heads=4"),
     ("{model_type: rnn_seq2seq, attention: bahdanau, input_feeding: true}",
      "model.scratch: rnn_seq2seq: input_feeding=True needs Luong attention"),
 ])
