@@ -62,6 +62,11 @@ class WallClockBudget(pl.Callback):
         if self.horizon is None and step >= self.calibrate_steps and self._timed_from is not None:
             rate = (self.train_s - self._timed_from) / (step - self.skip)  # seconds per step
             self.horizon = max(step + 1, step + int((self.budget_s - self.train_s) / rate))
+            warmup = getattr(pl_module.hparams, "warmup_steps", 0) if hasattr(pl_module, "hparams") else 0
+            if warmup and self.horizon <= warmup:
+                raise ValueError(f"WallClockBudget: {self.budget_s / 60:g} min at {rate * 1e3:.0f} ms/step fit only "
+                                 f"{self.horizon} steps, not more than model.warmup_steps={warmup}: raise the "
+                                 "budget or lower the warmup")
             self._fit_schedule(trainer, self.horizon)
             rank_zero_info(f"WallClockBudget: {rate * 1e3:.0f} ms/step -> {self.horizon} steps in "
                            f"{self.budget_s / 60:g} min of training")
