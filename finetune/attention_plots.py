@@ -3,8 +3,12 @@ transformer's cross-attention (one layer, averaged over heads or one panel per h
 
 The target is the model's own greedy translation; it is fed back through the decoder (teacher-
 forced on its own output) with ``output_attentions=True``, so the weights are the ones that
-produced each generated token. Plots are PNG files with tokens on both axes (the shape of
-Bahdanau et al. 2014, Fig. 3), and W&B images during validation (`AttentionPlotCallback`).
+produced each generated token. Plots are PNG files with words on both axes (the shape of
+Bahdanau et al. 2014, Fig. 3), and W&B images during validation (`AttentionPlots`). Words, not
+sub-word pieces: each word is its decoded text (no byte-level artefacts such as ``Ã©`` or ``Ġ``),
+a source word's weight is the sum over its pieces (each row stays a distribution), a target word's
+row the mean over its pieces; the task prefix ("translate English to French:") is left off the
+source axis and the share of attention it received is given in the title.
 
     python -m finetune attention --model runs/rnn-bahdanau/checkpoints/last.ckpt \
         --task tatoeba_en_fr --examples "[0, 5, 9]" --out runs/rnn-bahdanau/attention
@@ -24,10 +28,30 @@ from common.wandb_logger import logging_step
 HeadMode = Literal["mean", "all"]
 
 
-@torch.no_grad()
 def cross_attention(model: Any, tokenizer: Any, source: str, max_new_tokens: int = 48,
                     layer: int = -1) -> tuple[list[str], list[str], torch.Tensor]:
     """(source tokens, generated target tokens, weights (H, T, S)) of one layer for ``source``."""
+    src_ids, tgt_ids, weights = _attend(model, tokenizer, source, max_new_tokens, layer)
+    src_tokens, tgt_tokens = tokenizer.convert_ids_to_tokens(src_ids), tokenizer.convert_ids_to_tokens(tgt_ids)
+    # Ids past the tokenizer (the model's vocabulary is padded to a multiple of 64, and an untrained
+    # model generates them) have no token: None, shown as their id.
+    src = [_readable(t) if t is not None else f"<{i}>" for i, t in zip(src_ids, src_tokens)]
+    tgt = [_readable(t) if t is not None else f"<{i}>" for i, t in zip(tgt_ids, tgt_tokens)]
+    return src, tgt, weights
+
+
+def word_attention(model: Any, tokenizer: Any, prompt: str, source_from: int = 0, max_new_tokens: int = 48,
+                   layer: int = -1) -> tuple[list[str], list[str], torch.Tensor, float]:
+    """:func:`word_alignment` of the model's attention for ``prompt`` (the source text starts at
+    character ``source_from``: what precedes it, the task prefix, is left off)."""
+    _, tgt_ids, weights = _attend(model, tokenizer, prompt, max_new_tokens, layer)
+    return word_alignment(tokenizer, prompt, tgt_ids, weights, source_from)
+
+
+@torch.no_grad()
+def _attend(model: Any, tokenizer: Any, source: str, max_new_tokens: int,
+            layer: int) -> tuple[list[int], list[int], torch.Tensor]:
+    """(source ids, generated ids, weights (H, T, S) of decoder layer ``layer``)."""
     if not getattr(model.config, "is_encoder_decoder", False):
         raise ValueError("attention plots are for encoder-decoder models (source x target); this one is decoder-only")
     was_training = model.training
@@ -46,13 +70,7 @@ def cross_attention(model: Any, tokenizer: Any, source: str, max_new_tokens: int
                          "(an RNN with attention 'none' has none to plot)")
     weights = layers[layer][0]
     weights = weights.unsqueeze(0) if weights.dim() == 2 else weights  # (H, T, S)
-    src_tokens = tokenizer.convert_ids_to_tokens(enc["input_ids"][0].tolist())
-    tgt_tokens = tokenizer.convert_ids_to_tokens(generated[0, 1:].tolist())
-    # Ids past the tokenizer (the model's vocabulary is padded to a multiple of 64, and an untrained
-    # model generates them) have no token: None, shown as their id.
-    src = [_readable(t) if t is not None else f"<{i}>" for i, t in zip(enc["input_ids"][0].tolist(), src_tokens)]
-    tgt = [_readable(t) if t is not None else f"<{i}>" for i, t in zip(generated[0, 1:].tolist(), tgt_tokens)]
-    return src, tgt, weights.float().cpu()
+    return enc["input_ids"][0].tolist(), generated[0, 1:].tolist(), weights.float().cpu()
 
 
 def _forward_with_attentions(model: Any, enc: Any, decoder_input_ids: torch.Tensor) -> Any:
@@ -66,6 +84,66 @@ def _forward_with_attentions(model: Any, enc: Any, decoder_input_ids: torch.Tens
     finally:
         if switch:
             model.set_attn_implementation(implementation)
+
+
+def word_alignment(tokenizer: Any, prompt: str, target_ids: list[int], weights: torch.Tensor,
+                   source_from: int = 0) -> tuple[list[str], list[str], torch.Tensor, float]:
+    """Sub-word attention ``weights`` (H, T, S) of ``prompt`` -> (source words, target words,
+    word weights (H, T_w, S_w), share of attention on the omitted prompt text before ``source_from``).
+
+    Needs a fast tokenizer (character offsets of the source pieces)."""
+    enc = tokenizer(prompt, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]  # per source piece: (start, end) in prompt characters
+    if len(offsets) != weights.shape[-1]:
+        raise ValueError(f"{len(offsets)} source pieces but {weights.shape[-1]} attention columns")
+    groups: list[list[int]] = []
+    words: list[str] = []
+    special: list[bool] = []
+    previous_end = 0
+    for i, (start, end) in enumerate(offsets):
+        if start == end:  # a special token (EOS): a column of its own, labelled as the token
+            groups.append([i]); special.append(True)
+            words.append(tokenizer.convert_ids_to_tokens(enc["input_ids"][i]))
+            continue
+        if end <= source_from:  # the task prefix
+            previous_end = end
+            continue
+        # A piece starts a word after whitespace, unless it continues a character the previous
+        # piece began (byte-level BPE splits "É" into two pieces with the same span) or the word
+        # so far is only a space piece.
+        starts_word = start >= previous_end and (prompt[start - 1].isspace() or prompt[start].isspace())
+        if not groups or special[-1] or (starts_word and words[-1]):
+            groups.append([i]); special.append(False); words.append("")
+        else:
+            groups[-1].append(i)
+        words[-1] = prompt[max(offsets[groups[-1][0]][0], source_from):end].strip()
+        previous_end = max(previous_end, end)
+    tgt_groups, tgt_words = _target_words(tokenizer, target_ids)
+    by_src = torch.stack([weights[..., g].sum(-1) for g in groups], dim=-1)  # (H, T, S_w)
+    by_word = torch.stack([by_src[:, g].mean(1) for g in tgt_groups], dim=1)  # (H, T_w, S_w)
+    hidden = float(1.0 - by_src.sum(-1).mean()) if source_from else 0.0
+    return words, tgt_words, by_word, hidden
+
+
+def _target_words(tokenizer: Any, ids: list[int]) -> tuple[list[list[int]], list[str]]:
+    """Generated ids grouped into words: a piece whose decoded text starts with a space starts one;
+    special and out-of-vocabulary ids (an untrained model's padded vocabulary) are rows of their own."""
+    groups: list[list[int]] = []
+    words: list[str] = []
+    special: list[bool] = []
+    specials = set(tokenizer.all_special_ids)
+    for k, token_id in enumerate(ids):
+        if token_id >= len(tokenizer) or token_id in specials:
+            groups.append([k]); special.append(True)
+            words.append(f"<{token_id}>" if token_id >= len(tokenizer) else tokenizer.convert_ids_to_tokens(token_id))
+            continue
+        piece = tokenizer.decode(ids[: k + 1])[len(tokenizer.decode(ids[:k])):]
+        if not groups or special[-1] or piece[:1].isspace():
+            groups.append([k]); special.append(False); words.append("")
+        else:
+            groups[-1].append(k)
+        words[-1] = tokenizer.decode([ids[j] for j in groups[-1]]).strip()
+    return groups, words
 
 
 def _readable(token: str) -> str:
@@ -103,14 +181,24 @@ def plot_alignment(weights: torch.Tensor, src_tokens: list[str], tgt_tokens: lis
 
 
 def plot_examples(model: Any, tokenizer: Any, sources: list[str], out_dir: str | Path, layer: int = -1,
-                  heads: HeadMode = "mean", max_new_tokens: int = 48, prefix: str = "example") -> list[Path]:
-    """One PNG per source sentence in ``out_dir``; returns the paths."""
+                  heads: HeadMode = "mean", max_new_tokens: int = 48, prefix: str = "example",
+                  raw_sources: list[str] | None = None) -> list[Path]:
+    """One PNG per prompt in ``sources`` in ``out_dir``, words on both axes (sub-word pieces with a
+    slow tokenizer); ``raw_sources``: the source texts inside those prompts, so that the task prefix
+    before them is left off. Returns the paths."""
     paths = []
-    for i, source in enumerate(sources):
-        src, tgt, weights = cross_attention(model, tokenizer, source, max_new_tokens, layer)
-        layer_name = "last layer" if layer == -1 else f"layer {layer}"
-        paths.append(plot_alignment(weights, src, tgt, Path(out_dir) / f"{prefix}-{i}.png",
-                                    title=f"{type(model).__name__}, {layer_name}", heads=heads))
+    layer_name = "last layer" if layer == -1 else f"layer {layer}"
+    for i, prompt in enumerate(sources):
+        title = f"{type(model).__name__}, {layer_name}"
+        if getattr(tokenizer, "is_fast", False):
+            raw = raw_sources[i] if raw_sources else ""
+            source_from = prompt.rfind(raw) if raw and raw in prompt else 0
+            src, tgt, weights, hidden = word_attention(model, tokenizer, prompt, source_from, max_new_tokens, layer)
+            if source_from:
+                title += f"; task prefix left off ({hidden:.0%} of the attention)"
+        else:
+            src, tgt, weights = cross_attention(model, tokenizer, prompt, max_new_tokens, layer)
+        paths.append(plot_alignment(weights, src, tgt, Path(out_dir) / f"{prefix}-{i}.png", title=title, heads=heads))
     return paths
 
 
@@ -142,6 +230,7 @@ def main(
 
     loaded = load_pretrained(model)
     texts = list(sources or [])
+    raw = list(texts)  # a given source has no prefix; a task row's prompt does
     if task is not None:
         from finetune.tasks import load_split, load_task
 
@@ -152,9 +241,10 @@ def main(
             if not 0 <= i < len(rows):
                 raise ValueError(f"examples: row {i} is outside split {split!r} of {config.name} ({len(rows)} rows)")
             texts.append(template.render_prompt(rows[i]))
+            raw.append(rows[i]["source"])
     if not texts:
         raise ValueError("nothing to plot: give --task (and --examples) or --sources")
-    paths = plot_examples(loaded.model, loaded.tokenizer, texts, out, layer, heads, max_new_tokens)
+    paths = plot_examples(loaded.model, loaded.tokenizer, texts, out, layer, heads, max_new_tokens, raw_sources=raw)
     for path in paths:
         print(path)
     return paths
@@ -183,7 +273,8 @@ class AttentionPlots(pl.Callback):
         out = Path(trainer.default_root_dir) / "attention" / f"step{trainer.global_step:07d}"
         try:
             paths = plot_examples(pl_module.model, pl_module.tokenizer, [it["text"] for it in items], out,
-                                  self.layer, self.heads, max_new_tokens=pl_module.hparams.max_new_tokens)
+                                  self.layer, self.heads, max_new_tokens=pl_module.hparams.max_new_tokens,
+                                  raw_sources=[it.get("source", "") for it in items])
         except ValueError:  # e.g. an RNN without attention: nothing to plot
             return
         for logger in trainer.loggers:

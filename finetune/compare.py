@@ -336,16 +336,25 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
     return {"models": summary, "by_length": by_length, "paired": paired, "wall_seconds": wall}
 
 
+def showcase_sentences(sources: list[str], n: int = 3, max_words: int = 20) -> list[int]:
+    """Indices of the ``n`` longest test sources of at most ``max_words`` words (ties: first
+    first): long enough to show reordering (Bahdanau et al. 2014, Fig. 3), short enough to read."""
+    lengths = [len(s.split()) for s in sources]
+    fitting = [i for i in range(len(sources)) if lengths[i] <= max_words]
+    return sorted(sorted(fitting, key=lambda i: -lengths[i])[:n])
+
+
 def _plot_best_attention(results: list[dict[str, Any]], task: Any, out: Path, n: int = 3) -> None:
-    """Alignments of the best model that has attention, for the first test sentences."""
+    """Alignments of the best model that has attention, for the showcase test sentences."""
     from finetune.attention_plots import plot_examples
     from finetune.pretrained import load_pretrained
 
     for result in sorted(results, key=lambda r: -r["bleu"]):
         loaded = load_pretrained(result["checkpoint"])
         try:
-            sources = [task.template(loaded.kind).render_prompt({"source": s}) for s in result["sources"][:n]]
-            plot_examples(loaded.model, loaded.tokenizer, sources, out, prefix=result["name"])
+            raw = [result["sources"][i] for i in showcase_sentences(result["sources"], n)]
+            sources = [task.template(loaded.kind).render_prompt({"source": s}) for s in raw]
+            plot_examples(loaded.model, loaded.tokenizer, sources, out, prefix=result["name"], raw_sources=raw)
             return
         except ValueError:  # no attention weights (RNN without attention): try the next best
             continue

@@ -76,3 +76,23 @@ def test_generated_ids_past_the_tokenizer_are_labelled_by_id(models: dict[str, P
     model.generation_config.suppress_tokens = list(range(len(tok)))  # only the padded ids can be generated
     _, tgt, _ = cross_attention(model, tok, "The cat sleeps.", max_new_tokens=3)
     assert len(tgt) >= 1 and all(t.startswith("<") and int(t[1:-1]) >= len(tok) for t in tgt), tgt
+
+
+def test_word_alignment_reads_as_text_without_the_task_prefix(models: dict[str, Path]) -> None:
+    """Issue 14.6: words decoded as text (no byte-level BPE artefacts such as Ã or Ġ), the task prefix
+    off the source axis, and the weights still a distribution once the prefix's share is added."""
+    from finetune.attention_plots import word_attention
+
+    model, tok = AutoModelForSeq2SeqLM.from_pretrained(models["t5"]), AutoTokenizer.from_pretrained(models["t5"])
+    source = "Élise a vu l'arbre déjà."
+    prompt = f"translate English to French: {source}"
+    pieces = tok.convert_ids_to_tokens(tok(prompt)["input_ids"])
+    assert any("Ã" in p or "Ġ" in p for p in pieces)  # what the sub-word axis would have shown
+    src, tgt, weights, hidden = word_attention(model, tok, prompt, prompt.index(source), max_new_tokens=6)
+    assert [w for w in src if not w.startswith("<")] == source.split()
+    assert weights.shape == (2, len(tgt), len(src))  # (heads, target words, source words)
+    torch.testing.assert_close(weights.sum(-1).mean(), torch.tensor(1.0 - hidden), atol=1e-5, rtol=0)
+    assert 0.0 < hidden < 1.0
+    assert not any("Ã" in w or "Ġ" in w for w in src + tgt)
+    whole, _, _, none_hidden = word_attention(model, tok, prompt, 0, max_new_tokens=6)
+    assert whole[:4] == ["translate", "English", "to", "French:"] and none_hidden == 0.0
