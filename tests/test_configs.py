@@ -86,7 +86,7 @@ COMPARE_YAML = CONFIGS / "compare" / "translation_en_fr.yaml"
     # the model archs are typed: an unknown option or choice fails when the YAML is parsed
     (lambda text: text.replace("attention: bahdanau,", "atention: bahdanau,"), "'atention' is not accepted"),
     (lambda text: text.replace("attention: bahdanau,", "attention: bahdanu,"), "bahdanu"),
-    (lambda text: text.replace("  transformer: {batch_size", "  transfomer: {batch_size"), "model_options names no model"),
+    (lambda text: text.replace("  transformer: {label_smoothing", "  transfomer: {label_smoothing"), "model_options names no model"),
     (lambda text: text.replace("label_smoothing: 0.1}", "label_smothing: 0.1}"), "unknown option(s) ['label_smothing']"),
 ])
 def test_compare_parser_refuses_unknown_keys_and_bad_values(edit, message: str, tmp_path: Path,
