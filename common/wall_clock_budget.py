@@ -62,24 +62,24 @@ class WallClockBudget(pl.Callback):
         if self.horizon is None and step >= self.calibrate_steps and self._timed_from is not None:
             rate = (self.train_s - self._timed_from) / (step - self.skip)  # seconds per step
             self.horizon = max(step + 1, step + int((self.budget_s - self.train_s) / rate))
-            warmup = getattr(pl_module.hparams, "warmup_steps", 0) if hasattr(pl_module, "hparams") else 0
-            if warmup and self.horizon <= warmup:
-                raise ValueError(f"WallClockBudget: {self.budget_s / 60:g} min at {rate * 1e3:.0f} ms/step fit only "
-                                 f"{self.horizon} steps, not more than model.warmup_steps={warmup}: raise the "
-                                 "budget or lower the warmup")
-            self._fit_schedule(trainer, self.horizon)
+            self._fit_schedule(trainer, self.horizon, rate)
             rank_zero_info(f"WallClockBudget: {rate * 1e3:.0f} ms/step -> {self.horizon} steps in "
                            f"{self.budget_s / 60:g} min of training")
         if self.train_s >= self.budget_s or (self.horizon is not None and step >= self.horizon):
             trainer.should_stop = True  # Lightning validates once more when asked to stop
 
-    def _fit_schedule(self, trainer: pl.Trainer, horizon: int) -> None:
+    def _fit_schedule(self, trainer: pl.Trainer, horizon: int, rate: float | None = None) -> None:
         trainer.fit_loop.epoch_loop.max_steps = horizon  # what trainer.max_steps reads
         for config in trainer.lr_scheduler_configs:
             lambdas = getattr(config.scheduler, "lr_lambdas", [])
             for i, fn in enumerate(lambdas):  # common.optim.build_warmup_cosine: a partial with max_steps
                 if isinstance(fn, functools.partial) and "max_steps" in fn.keywords:
                     warmup = fn.keywords.get("warmup_steps", 0)
+                    if horizon <= warmup:
+                        pace = f" at {rate * 1e3:.0f} ms/step" if rate else ""
+                        raise ValueError(f"WallClockBudget: {self.budget_s / 60:g} min{pace} fit only {horizon} "
+                                         f"steps, not more than model.warmup_steps={warmup}: raise the budget "
+                                         "or lower the warmup")
                     if warmup < self.calibrate_steps:
                         rank_zero_warn(f"WallClockBudget: warmup ({warmup} steps) ended before the horizon "
                                        f"was set at step {self.calibrate_steps}: the first steps decayed "

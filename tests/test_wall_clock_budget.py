@@ -18,8 +18,9 @@ STEP_S = 0.01  # each training step sleeps this long: the rate the budget is con
 class SleepyModule(pl.LightningModule):
     """One weight; every training step takes ~STEP_S, every validation ~0.2 s (must not count)."""
 
-    def __init__(self) -> None:
+    def __init__(self, warmup: int = 20) -> None:
         super().__init__()
+        self.warmup = warmup
         self.w = torch.nn.Parameter(torch.zeros(1))
         self.lrs: list[float] = []
         self.logged_minutes: list[float] = []
@@ -39,7 +40,7 @@ class SleepyModule(pl.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.SGD(self.parameters(), lr=1.0)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": build_warmup_cosine(opt, 20, 100_000, 0.1),
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": build_warmup_cosine(opt, self.warmup, 100_000, 0.1),
                                                    "interval": "step"}}
 
 
@@ -79,3 +80,12 @@ def test_budget_state_survives_a_checkpoint() -> None:
 def test_bad_budget_is_refused(kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):
         WallClockBudget(**kwargs)
+
+
+def test_a_budget_shorter_than_the_warmup_is_named(tmp_path) -> None:
+    budget = WallClockBudget(minutes=0.5 / 60, calibrate_steps=20, skip=3)  # ~50 steps fit
+    trainer = pl.Trainer(max_steps=100_000, callbacks=[budget], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         limit_val_batches=0)
+    with pytest.raises(ValueError, match="not more than model.warmup_steps=5000"):
+        trainer.fit(SleepyModule(warmup=5000), _loader())
