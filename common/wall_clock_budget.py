@@ -5,8 +5,10 @@ transformer step cost different amounts, so equal step counts favour whichever i
 Lightning's ``max_time`` stops a run on time but leaves a step-based cosine schedule unfinished
 (the LR still high at the stop). `WallClockBudget` instead measures the training step rate over
 the first ``calibrate_steps`` steps, sets the run's step horizon to what fits in ``minutes`` and
-moves the cosine schedule's end there, so every model anneals within the same budget. It then
-stops on whichever comes first, the horizon or the budget (the rate can drift).
+moves the cosine schedule's end there, so every model anneals within the same budget. The rate
+drifts (a VM's second core comes and goes, caches warm up), so the horizon is re-fitted from the
+mean rate so far when the run reaches ``refit_at`` fractions of it (a small bend in the cosine,
+instead of finishing 20% early or late). It stops on whichever comes first, the horizon or the budget.
 
 Only training time counts (forward, backward, optimizer step: ``on_train_batch_start`` to
 ``on_train_batch_end``); validation, checkpointing and start-up are outside the budget, so a model
@@ -35,15 +37,20 @@ class WallClockBudget(pl.Callback):
             allocation and first-call costs). Must not exceed the LR warmup, so that the
             schedule before calibration does not depend on the horizon it does not know yet.
         skip: Initial steps left out of the rate.
+        refit_at: Fractions of the horizon at which it is re-fitted to the rate measured so far.
     """
 
-    def __init__(self, minutes: float, calibrate_steps: int = 40, skip: int = 5) -> None:
+    def __init__(self, minutes: float, calibrate_steps: int = 40, skip: int = 5,
+                 refit_at: tuple[float, ...] = (0.5, 0.75, 0.9)) -> None:
         if minutes <= 0:
             raise ValueError(f"WallClockBudget.minutes must be > 0, got {minutes}")
         if not 0 <= skip < calibrate_steps:
             raise ValueError(f"WallClockBudget: need 0 <= skip < calibrate_steps, got {skip}, {calibrate_steps}")
         self.budget_s = minutes * 60.0
-        self.calibrate_steps, self.skip = calibrate_steps, skip
+        if not all(0 < f < 1 for f in refit_at):
+            raise ValueError(f"WallClockBudget.refit_at must be fractions in (0, 1), got {refit_at}")
+        self.calibrate_steps, self.skip, self.refit_at = calibrate_steps, skip, tuple(sorted(refit_at))
+        self.refits = 0  # how many of refit_at have been done
         self.train_s = 0.0  # training time so far (persists across a resume)
         self.horizon: int | None = None  # steps that fit in the budget, once measured
         self._timed_from: float | None = None  # train_s when the timed steps started
@@ -59,12 +66,17 @@ class WallClockBudget(pl.Callback):
         step = trainer.global_step
         if step == self.skip:
             self._timed_from = self.train_s
-        if self.horizon is None and step >= self.calibrate_steps and self._timed_from is not None:
-            rate = (self.train_s - self._timed_from) / (step - self.skip)  # seconds per step
+        calibrate = self.horizon is None and step >= self.calibrate_steps
+        refit = (self.horizon is not None and self.refits < len(self.refit_at)
+                 and step >= self.refit_at[self.refits] * self.horizon)
+        if (calibrate or refit) and self._timed_from is not None:
+            rate = (self.train_s - self._timed_from) / (step - self.skip)  # seconds per step, mean so far
+            previous, self.refits = self.horizon, self.refits + refit
             self.horizon = max(step + 1, step + int((self.budget_s - self.train_s) / rate))
             self._fit_schedule(trainer, self.horizon, rate)
-            rank_zero_info(f"WallClockBudget: {rate * 1e3:.0f} ms/step -> {self.horizon} steps in "
-                           f"{self.budget_s / 60:g} min of training")
+            if previous is None or self.horizon != previous:
+                rank_zero_info(f"WallClockBudget: {rate * 1e3:.0f} ms/step -> {self.horizon} steps in "
+                               f"{self.budget_s / 60:g} min of training" + (f" (was {previous})" if previous else ""))
         if self.train_s >= self.budget_s or (self.horizon is not None and step >= self.horizon):
             trainer.should_stop = True  # Lightning validates once more when asked to stop
 
@@ -80,7 +92,7 @@ class WallClockBudget(pl.Callback):
                         raise ValueError(f"WallClockBudget: {self.budget_s / 60:g} min{pace} fit only {horizon} "
                                          f"steps, not more than model.warmup_steps={warmup}: raise the budget "
                                          "or lower the warmup")
-                    if warmup < self.calibrate_steps:
+                    if warmup < self.calibrate_steps and rate is not None and self.refits == 0:
                         rank_zero_warn(f"WallClockBudget: warmup ({warmup} steps) ended before the horizon "
                                        f"was set at step {self.calibrate_steps}: the first steps decayed "
                                        "towards the configured max_steps")
@@ -91,11 +103,13 @@ class WallClockBudget(pl.Callback):
             pl_module.log("time/train_minutes", self.train_s / 60.0)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"train_s": self.train_s, "horizon": self.horizon, "timed_from": self._timed_from}
+        return {"train_s": self.train_s, "horizon": self.horizon, "timed_from": self._timed_from,
+                "refits": self.refits}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.train_s, self.horizon = state_dict["train_s"], state_dict["horizon"]
         self._timed_from = state_dict["timed_from"]
+        self.refits = state_dict.get("refits", len(self.refit_at))  # older checkpoints: no more refits
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.horizon is not None:  # resumed: the schedule was rebuilt from the config's max_steps

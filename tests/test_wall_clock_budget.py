@@ -18,15 +18,16 @@ STEP_S = 0.01  # each training step sleeps this long: the rate the budget is con
 class SleepyModule(pl.LightningModule):
     """One weight; every training step takes ~STEP_S, every validation ~0.2 s (must not count)."""
 
-    def __init__(self, warmup: int = 20) -> None:
+    def __init__(self, warmup: int = 20, faster_after: int | None = None) -> None:
         super().__init__()
-        self.warmup = warmup
+        self.warmup, self.faster_after = warmup, faster_after  # steps sleep half as long from then on
         self.w = torch.nn.Parameter(torch.zeros(1))
         self.lrs: list[float] = []
         self.logged_minutes: list[float] = []
 
     def training_step(self, batch, batch_idx):
-        time.sleep(STEP_S)
+        faster = self.faster_after is not None and self.global_step >= self.faster_after
+        time.sleep(STEP_S / 2 if faster else STEP_S)
         self.lrs.append(self.lr_schedulers().get_last_lr()[0])
         return (self.w - 1).pow(2).sum()
 
@@ -67,16 +68,31 @@ def test_budget_sets_the_horizon_and_anneals_the_schedule_within_it(tmp_path) ->
     assert module.logged_minutes[-1] == pytest.approx(budget.train_s / 60, abs=0.01)  # the final validation ran
 
 
+def test_a_rate_that_drifts_after_calibration_still_fills_the_budget(tmp_path) -> None:
+    """Steps get twice as fast after calibration (a core comes back): fixed at the calibrated rate the
+    run would stop at ~60% of its minutes; the refits move the horizon so it uses the budget."""
+    budget = WallClockBudget(minutes=2.0 / 60, calibrate_steps=20, skip=3)
+    module = SleepyModule(faster_after=25)
+    trainer = pl.Trainer(max_steps=100_000, callbacks=[budget], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         limit_val_batches=0)
+    trainer.fit(module, _loader())
+    assert budget.refits == 3 and trainer.global_step == budget.horizon
+    assert budget.train_s >= 0.85 * budget.budget_s, budget.train_s  # the budget was used, not 60% of it
+    assert module.lrs[-1] < 0.2  # and the schedule still ended at the floor
+
+
 def test_budget_state_survives_a_checkpoint() -> None:
     budget = WallClockBudget(minutes=1.0)
-    budget.train_s, budget.horizon, budget._timed_from = 12.5, 340, 0.2
+    budget.train_s, budget.horizon, budget._timed_from, budget.refits = 12.5, 340, 0.2, 1
     restored = WallClockBudget(minutes=1.0)
     restored.load_state_dict(budget.state_dict())
-    assert (restored.train_s, restored.horizon) == (12.5, 340)
+    assert (restored.train_s, restored.horizon, restored.refits) == (12.5, 340, 1)
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [({"minutes": 0}, "minutes must be > 0"),
-                                                 ({"minutes": 1, "calibrate_steps": 3, "skip": 3}, "skip < calibrate_steps")])
+                                                 ({"minutes": 1, "calibrate_steps": 3, "skip": 3}, "skip < calibrate_steps"),
+                                                 ({"minutes": 1, "refit_at": (0.5, 1.0)}, "fractions in")])
 def test_bad_budget_is_refused(kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):
         WallClockBudget(**kwargs)
