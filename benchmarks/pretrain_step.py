@@ -66,9 +66,9 @@ from step_report import FLOOR, NOTES, busy_processes, finish_peaks, machine, mar
 
 # Per run: measured steps and unmeasured warm-up steps: 15-35 s per run on this VM with both cores,
 # about twice that with one (a round is two runs; the whole default set takes 10-15 min).
-DEFAULT_STEPS = {"gpt-tiny": 60, "gpt2-124m": 8, "t5-tiny": 120, "t5-small": 28}
+DEFAULT_STEPS = {"gpt-tiny": 60, "gpt-4l256d": 40, "gpt2-124m": 8, "t5-tiny": 120, "t5-small": 28}
 HF_PEERS = ("bare_hf", "hf_trainer")  # peers: benchmarks/hf_trainer_worker.py
-DEFAULT_WARMUP = {"gpt-tiny": 3, "gpt2-124m": 2, "t5-tiny": 3, "t5-small": 2}
+DEFAULT_WARMUP = {"gpt-tiny": 3, "gpt-4l256d": 3, "gpt2-124m": 2, "t5-tiny": 3, "t5-small": 2}
 
 
 @dataclass(frozen=True)
@@ -111,21 +111,21 @@ _T5_IN = 128
 _T5_OUT = compute_input_and_target_lengths(_T5_IN, 0.15, 3.0)[1]
 
 CASES: dict[str, Case] = {
-    # configs/pretrain/gpt-tiny.yaml, fp32 as the CLI uses on CPU (bf16 autocast made it slower).
-    "gpt-tiny": Case(GPT2Arch(n_layer=4, n_head=4, n_embd=128, n_positions=256), 4096, 16, 128,
-                     "32-true", 2e-3),
+    # configs/pretrain/gpt-tiny.yaml. Precision "auto" everywhere: what the CLI picks on this CPU
+    # (bf16-mixed where the bf16 matmul probe beats fp32, i.e. AVX-512 BF16 / AMX; else 32-true).
+    "gpt-tiny": Case(GPT2Arch(n_layer=4, n_head=4, n_embd=128, n_positions=256), 4096, 16, 128, "auto", 2e-3),
+    # The issue's small shape: 4 layers of width 256, T=256, B=8 (gpt-tiny's tokenizer).
+    "gpt-4l256d": Case(GPT2Arch(n_layer=4, n_head=4, n_embd=256, n_positions=256), 4096, 8, 256, "auto", 2e-3),
     # configs/pretrain/gpt2-124m.yaml shape with GPT-2's 50,257 tokens + pad (-> 50,304). Batch cut
-    # from 8x1024 (x8 accumulation) to 4x128 so a round takes 1-2 minutes on 2 cores. Precision
-    # "auto": the preset's bf16-mixed only where bf16 matmuls are fast (see bench_case).
-    "gpt2-124m": Case(GPT2Arch(), 50258, 4, 128, "auto", 6e-4),
+    # from 8x1024 (x8 accumulation) to 4x256 so a round takes 1-2 minutes on 2 cores.
+    "gpt2-124m": Case(GPT2Arch(), 50258, 4, 256, "auto", 6e-4),
     # configs/pretrain/t5-tiny.yaml: 2+2 layers, d=128, gated-GELU d_ff=256, 4 heads x 32; 4,096 BPE
-    # + 100 sentinels = 4,196 ids (-> 4,224); B=16, 128 inputs + 29 targets; fp32.
+    # + 100 sentinels = 4,196 ids (-> 4,224); B=16, 128 inputs + 29 targets.
     "t5-tiny": Case(T5Arch(d_model=128, d_ff=256, d_kv=32, num_heads=4, num_layers=2), 4196, 16, _T5_IN,
-                    "32-true", 2e-3, _T5_OUT),
+                    "auto", 2e-3, _T5_OUT),
     # configs/pretrain/t5-small.yaml (T5Arch defaults: 8+8 layers, d=512, d_ff=1024, 6 heads x 64)
     # with GPT-2's 50,257 tokens + pad + 100 sentinels = 50,358 ids (-> 50,368). Batch cut from
-    # 64x512 inputs (x4 GPUs x2 accumulation) to 2 x (128 + 29) so a round takes 1-2 minutes on 2
-    # cores. Precision "auto" as for gpt2-124m (the preset asks for bf16-mixed).
+    # 64x512 inputs (x4 GPUs x2 accumulation) to 2 x (128 + 29) so a round takes 1-2 minutes on 2 cores.
     "t5-small": Case(T5Arch(), 50358, 2, _T5_IN, "auto", 1e-3, _T5_OUT),
 }
 
@@ -356,6 +356,8 @@ def main() -> None:
     ap.add_argument("--peers", nargs="*", default=list(HF_PEERS), choices=list(HF_PEERS),
                     help="other loops beside bare and Lightning, on HF's default model for the shape: "
                     "bare_hf (the bare loop), hf_trainer (needs accelerate: .[bench])")
+    ap.add_argument("--precision", nargs="+", default=["auto"], choices=["auto", *PROBE_PRECISIONS],
+                    help="precision(s) to run every model at (auto: what the CLI picks on this CPU, by the probe)")
     ap.add_argument("--compile", action="store_true", help="--model.compile true for our model (warm-up covers the compile)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/pretrain_step.md"), help="results file")
     args = ap.parse_args()
@@ -375,14 +377,16 @@ def main() -> None:
     }
     report["peaks"] = {p: matmul_peak(dtype) for p, dtype in PROBE_PRECISIONS.items()}
     print("peak FLOP/s: " + ", ".join(f"{k} {v/1e9:.3g} G" for k, v in report["peaks"].items()), flush=True)
-    report["cases"] = [bench_case(name, replace(CASES[name], compile=args.compile), args.rounds, args.steps or DEFAULT_STEPS[name],
+    report["cases"] = [bench_case(name, replace(CASES[name], compile=args.compile, precision=precision), args.rounds,
+                                  args.steps or DEFAULT_STEPS[name],
                                   DEFAULT_WARMUP[name] if args.warmup is None else args.warmup,
-                                  report["peaks"], args.seed, tuple(args.peers)) for name in args.models]
+                                  report["peaks"], args.seed, tuple(args.peers))
+                       for name in args.models for precision in args.precision]
     # Probe again: if the second core was away during the first probe, the peak was too low.
     report["peaks_end"] = {p: matmul_peak(dtype) for p, dtype in PROBE_PRECISIONS.items()}
     finish_peaks(report)
     peaks = report["peaks"]
-    precision_note = (f"- Precision \"auto\" (gpt2-124m, t5-small) chose {faster_precision(peaks)}: bf16 matmul "
+    precision_note = (f"- Precision \"auto\" chose {faster_precision(peaks)}: bf16 matmul "
                       f"probe {peaks['bf16-mixed']/1e9:.3g} GFLOP/s vs fp32 {peaks['32-true']/1e9:.3g} GFLOP/s on this CPU.")
     report |= {"busy_end": busy_processes(), "wall_s": time.perf_counter() - t_start,
                "notes": [*NOTES, precision_note]}
