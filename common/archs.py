@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from transformers import GPT2Config, GPT2LMHeadModel, MarianConfig, MarianMTModel, T5Config, T5ForConditionalGeneration
+from transformers import (GPT2Config, GPT2LMHeadModel, M2M100Config, M2M100ForConditionalGeneration, MarianConfig,
+                          MarianMTModel, PreTrainedModel, T5Config, T5ForConditionalGeneration)
 
 
 def padded_vocab_size(n_tokens: int, multiple: int = 64) -> int:
@@ -223,6 +224,11 @@ class MarianArch:
         dropout: Dropout on residuals; attention and activation dropout as in the paper's base (0.1/0).
         attention_dropout: Dropout on attention weights.
         activation: FFN activation ("relu" as in the paper; Marian's released models use "swish").
+        norm: "post": layer norm after each residual add, as in the paper and Marian; "pre": before
+            each sub-layer, plus a final norm per stack (fairseq's ``--*-normalize-before``, the
+            tensor2tensor/JoeyNMT default), built as HF's M2M100 (the same sinusoidal, scaled, shared
+            embeddings). Pre-norm trains stably with a short warmup and a higher LR (Xiong et al. 2020),
+            what a budget of a few hundred steps needs.
         vocab_size: Model vocabulary; None = the tokenizer's size padded to vocab_multiple.
         vocab_multiple: Round the vocabulary up to this multiple.
         model_type: Always "marian" (names this arch where several are possible).
@@ -238,6 +244,7 @@ class MarianArch:
     dropout: float = 0.1
     attention_dropout: float = 0.1
     activation: Literal["relu", "gelu", "swish"] = "relu"
+    norm: Literal["post", "pre"] = "post"
     vocab_size: int | None = None
     vocab_multiple: int = 64
 
@@ -257,9 +264,22 @@ class MarianArch:
         return asdict(self)
 
 
-def build_marian(arch: MarianArch, tokenizer_size: int, eos_id: int, pad_id: int) -> MarianMTModel:
-    """A randomly initialised MarianMTModel; decoding starts from the pad token, as in Marian."""
+def build_marian(arch: MarianArch, tokenizer_size: int, eos_id: int, pad_id: int) -> PreTrainedModel:
+    """A randomly initialised MarianMTModel (``norm: post``) or pre-norm M2M100ForConditionalGeneration
+    (``norm: pre``); decoding starts from the pad token, as in Marian."""
     arch.check()
+    if arch.norm == "pre":
+        config = M2M100Config(
+            vocab_size=arch.resolve_vocab(tokenizer_size), d_model=arch.d_model,
+            encoder_layers=arch.encoder_layers, decoder_layers=arch.decoder_layers,
+            encoder_attention_heads=arch.num_heads, decoder_attention_heads=arch.num_heads,
+            encoder_ffn_dim=arch.ffn_dim, decoder_ffn_dim=arch.ffn_dim, max_position_embeddings=arch.max_positions,
+            dropout=arch.dropout, attention_dropout=arch.attention_dropout, activation_function=arch.activation,
+            encoder_layerdrop=0.0, decoder_layerdrop=0.0,  # M2M100's defaults drop whole layers: not the paper's
+            scale_embedding=True, tie_word_embeddings=True, pad_token_id=pad_id, eos_token_id=eos_id,
+            decoder_start_token_id=pad_id, bos_token_id=None,
+        )
+        return M2M100ForConditionalGeneration(config)
     config = MarianConfig(
         vocab_size=arch.resolve_vocab(tokenizer_size), d_model=arch.d_model,
         encoder_layers=arch.encoder_layers, decoder_layers=arch.decoder_layers,

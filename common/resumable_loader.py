@@ -119,6 +119,67 @@ class ResumableShuffleSampler(ResumableSampler):
         return order[self.rank :: self.num_replicas][: self.batches_per_epoch * self.batch_size].tolist()
 
 
+class ResumableTokenBatchSampler(ResumableSampler):
+    """Token-based batches (fairseq/JoeyNMT ``batch_type: token``): similar-length examples grouped
+    so that each batch holds at most ``max_tokens`` tokens, padding included (its size times its
+    longest example). Short sentences make big batches, long ones small, and padding is small.
+
+    Each item it yields is one whole batch (a list of dataset indices): use it as the ``sampler`` of
+    a DataLoader with ``batch_size=None`` over a dataset that takes such lists (:class:`BatchView`).
+    Epoch ``e``: a seeded permutation (seed + e), cut into pools of ``pool`` examples, each sorted
+    by length and cut greedily into batches; the batches are shuffled (same generator) and dealt
+    round-robin to the ranks. Every epoch has the same number of batches per rank, fixed from
+    epoch 0 with a 2% margin (extra batches are left out, like drop_last; a short epoch, which the
+    margin makes unlikely, repeats its first batches), so Lightning's epoch length and mid-epoch
+    resume (inherited: skip the batches done) stay exact.
+    """
+
+    def __init__(self, lengths: list[int], max_tokens: int, num_replicas: int = 1, rank: int = 0, seed: int = 0,
+                 pool: int = 4096) -> None:
+        if max_tokens < 1:
+            raise ValueError(f"data.batch_tokens must be >= 1, got {max_tokens}")
+        self.lengths, self.max_tokens, self.pool = list(lengths), max_tokens, pool
+        self.seed, self.num_replicas = seed, num_replicas
+        per_rank = int(0.98 * len(self._batches(0))) // num_replicas
+        if per_rank < 1:
+            raise ValueError(f"{len(self.lengths)} training examples make fewer than one token batch of "
+                             f"{max_tokens} tokens on every rank; lower data.batch_tokens or use more data")
+        super().__init__(self.lengths, 1, per_rank, num_replicas, rank, seed, shuffle=True)
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(len(self.lengths), generator=g).tolist()
+        batches: list[list[int]] = []
+        for start in range(0, len(order), self.pool):
+            batch: list[int] = []
+            for i in sorted(order[start:start + self.pool], key=self.lengths.__getitem__):
+                if batch and self.lengths[i] * (len(batch) + 1) > self.max_tokens:  # sorted: i is the longest
+                    batches.append(batch)
+                    batch = []
+                batch.append(i)
+            batches.append(batch)
+        return [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
+
+    def epoch_indices(self) -> list[list[int]]:  # type: ignore[override]  # batches, not indices
+        mine = self._batches(self.epoch)[self.rank::self.num_replicas]
+        while len(mine) < self.batches_per_epoch:
+            mine += mine[: self.batches_per_epoch - len(mine)]
+        return mine[: self.batches_per_epoch]
+
+
+class BatchView(torch.utils.data.Dataset):
+    """``dataset[[i, j, ...]] -> [dataset[i], dataset[j], ...]``: the rows of one sampled batch."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, batch: list[int]) -> list[Any]:
+        return [self.dataset[i] for i in batch]
+
+
 def batches_done_on_resume(trainer: Any) -> tuple[int, int]:
     """(epoch, batches already done in it) when Lightning restored a checkpoint, else (epoch, 0).
 

@@ -1,4 +1,4 @@
-"""`python -m finetune {fit,evaluate,validate,export,compare,attention,submit} ...`
+"""`python -m finetune {fit,evaluate,validate,export,compare,study,attention,submit} ...`
 
   evaluate  zero-/few-shot scores of a model on a task, no training  (python -m finetune evaluate --help)
             e.g. --model.init runs/gpt-tiny --data.task tatoeba_en_fr --data.shots 5
@@ -6,6 +6,7 @@
   validate  score a model (or --ckpt_path) on the task's validation split
   export    write a Hugging Face model directory from a fine-tuning checkpoint
   compare   RNN baselines vs a transformer from scratch on one task (python -m finetune compare --help)
+  study     the whole study: attention, transformer vs RNN, pretraining, few-shot (python -m finetune study --help)
   attention plot source x target attention of a seq2seq model for chosen examples (PNG)
   submit    run fit as a SLURM batch job that resumes after requeue (python -m finetune submit --help)
 """
@@ -32,6 +33,10 @@ def main() -> None:
         from finetune.compare import main as compare_main
 
         report_user_errors(lambda: compare_main(sys.argv[2:]))
+    elif command == "study":
+        from finetune.study import main as study_main
+
+        report_user_errors(lambda: study_main(sys.argv[2:]))
     elif command == "attention":
         from jsonargparse import CLI
 

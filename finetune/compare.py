@@ -216,7 +216,8 @@ def plot_bleu_by_length(table: dict[str, list[dict[str, Any]]], path: Path, titl
     for k, (name, rows) in enumerate(table.items()):
         x = [j + 0.06 * (k - (len(table) - 1) / 2) for j in range(len(rows))]  # side by side, not on top
         y = [r["bleu"] for r in rows]
-        err = [[r["bleu"] - r["bleu_ci"][0] for r in rows], [r["bleu_ci"][1] - r["bleu"] for r in rows]]
+        # max(0, .): a percentile interval of a few sentences can miss the corpus score itself
+        err = [[max(0.0, r["bleu"] - r["bleu_ci"][0]) for r in rows], [max(0.0, r["bleu_ci"][1] - r["bleu"]) for r in rows]]
         ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name)
     ax.set_xticks(range(len(next(iter(table.values())))), [f"{r['bucket']}\n(n={r['n']})"
                                                             for r in next(iter(table.values()))])

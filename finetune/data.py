@@ -35,7 +35,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from common.model_context import position_limit, usable_context
-from common.resumable_loader import ResumableDataLoader, ResumableShuffleSampler
+from common.resumable_loader import BatchView, ResumableDataLoader, ResumableShuffleSampler, ResumableTokenBatchSampler
 from finetune.eval_items import EvalItemBuilder, describe_shots
 from finetune.tasks import TaskConfig, load_split, load_task
 from finetune.train_examples import TrainExamples, TrainStats
@@ -63,6 +63,9 @@ class FinetuneDataModule(LightningDataModule):
         val_split: Split scored during fit (validation by generation).
         test_split: Split scored by ``evaluate``/``test``.
         batch_size: Training sequences per device.
+        batch_tokens: Instead of ``batch_size``: token-based batches of similar-length examples
+            holding at most this many tokens per device, padding included (fairseq/JoeyNMT
+            ``batch_type: token``; the transformer NMT recipes' batching). None: ``batch_size``.
         eval_batch_size: Prompts per device per generate call.
         max_length: Prompt + completion token budget. None: the model's usable context (the length
             it was trained on; see common/model_context.py). Larger values are warned about.
@@ -85,6 +88,7 @@ class FinetuneDataModule(LightningDataModule):
         val_split: str = "validation",
         test_split: str = "test",
         batch_size: int = 16,
+        batch_tokens: int | None = None,
         eval_batch_size: int = 16,
         max_length: int | None = None,
         max_target_length: int = 128,
@@ -100,14 +104,15 @@ class FinetuneDataModule(LightningDataModule):
             raise ValueError(f"data.shots must be >= 0, got {shots}")
         if max_target_length < 2:
             raise ValueError(f"data.max_target_length must be >= 2 (a token and EOS), got {max_target_length}")
-        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
+                           ("batch_tokens", batch_tokens or 1)):
             if value < 1:
                 raise ValueError(f"data.{key} must be >= 1, got {value}")
         self.task_name = task
         self.task: TaskConfig = load_task(task)  # fails fast: unknown keys, columns, template fields
         self.shots, self.seed, self.num_workers = shots, seed, num_workers
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.batch_size, self.eval_batch_size, self.batch_tokens = batch_size, eval_batch_size, batch_tokens
         self.requested_max_length = max_length
         self.max_length: int = 0  # resolved in setup, from the model
         self.max_target_length, self.max_new_tokens = max_target_length, max_new_tokens
@@ -228,12 +233,20 @@ class FinetuneDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rows = self.train_examples()
         trainer = self.trainer
+        state = {"task": self.task.name, "seed": self.seed, "batch_size": self.batch_size,
+                 "world_size": trainer.world_size, "n_train": len(rows), "batch_tokens": self.batch_tokens}
+        if self.batch_tokens is not None:  # each sampled item is a whole batch of similar lengths
+            sampler = ResumableTokenBatchSampler([rows.length(i) for i in range(len(rows))], self.batch_tokens,
+                                                 trainer.world_size, trainer.global_rank, self.seed)
+            sampler.resume_from(trainer)
+            return ResumableDataLoader(BatchView(rows), batch_size=None, sampler=sampler, collate_fn=self.collate_train,
+                                       num_workers=self.num_workers, loader_state=state,
+                                       state_defaults={"batch_tokens": None})
         sampler = ResumableShuffleSampler(rows, self.batch_size, trainer.world_size, trainer.global_rank, self.seed)
         sampler.resume_from(trainer)  # exact mid-epoch position after a restart
-        state = {"task": self.task.name, "seed": self.seed, "batch_size": self.batch_size,
-                 "world_size": trainer.world_size, "n_train": len(rows)}
         return ResumableDataLoader(rows, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate_train,
-                                   num_workers=self.num_workers, drop_last=True, loader_state=state)
+                                   num_workers=self.num_workers, drop_last=True, loader_state=state,
+                                   state_defaults={"batch_tokens": None})
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

@@ -41,8 +41,9 @@ class Pretrained:
     source: str  # what --model.init named, for logs and results
 
 
-def load_pretrained(init: str) -> Pretrained:
-    """Model + tokenizer from an lmtrain checkpoint, an HF directory or a hub name (see module doc)."""
+def load_pretrained(init: str, random_init: bool = False) -> Pretrained:
+    """Model + tokenizer from an lmtrain checkpoint, an HF directory or a hub name (see module doc);
+    ``random_init``: the same architecture and tokenizer with freshly drawn weights instead."""
     path = Path(init).expanduser()
     if path.exists() and is_lmtrain_checkpoint_path(path):
         from common.export import model_from_checkpoint
@@ -70,6 +71,8 @@ def load_pretrained(init: str) -> Pretrained:
                 raise FileNotFoundError(f"model.init={init!r}: {str(e).splitlines()[0]}") from None
             raise ValueError(_pickle_message(init, "the hub model has no safetensors weights", auto.__name__)) from None
         tokenizer = AutoTokenizer.from_pretrained(init, trust_remote_code=False)
+    if random_init:  # the config's own initialisation (as pretraining started), from the seeded RNG
+        model = type(model)._from_config(model.config)
     prepare_tokenizer(tokenizer, model)
     freeze_fixed_position_tables(model)
     return Pretrained(model=model, tokenizer=tokenizer, kind=model_kind(model.config), source=init)

@@ -1,10 +1,12 @@
 """The task suite: zero-/few-shot and fine-tuned scores of models on translation, summarization, QA.
 
-For every model and task: evaluate 0-, 1- and 5-shot on the task's test split, fine-tune with a
-fixed step budget (best checkpoint by ``val/score``), evaluate that checkpoint 0-shot on the same
-test items. Every score carries its 95% interval, and every setting is compared with 0-shot on the
-same items by a paired test (``finetune.significance``): the tables say which differences are
-significant. Every run is the public CLI, in-process (``finetune.cli.main``), exactly what
+For every model and task: evaluate k-shot (k = 0, 1, 3, 5 by default) on the task's test split,
+fine-tune with a fixed step budget (best checkpoint by ``val/score``), evaluate that checkpoint
+0-shot on the same test items; with ``random_init_control``, fine-tune the same architecture and
+tokenizer from freshly drawn weights with the same budget (does pretraining help?). Every score
+carries its 95% interval, and every setting is compared with its baseline on the same items by a
+paired test (``finetune.significance``; the baseline is 0-shot, and for the random-init control the
+pretrained model fine-tuned): the tables say which differences are significant. Every run is the public CLI, in-process (``finetune.cli.main``), exactly what
 ``python -m finetune evaluate|fit`` would do; each run's files stay under ``out_dir``:
 
     <out_dir>/<model>/<task>/eval/<task>-test-<k>shot/       results.json, predictions.jsonl, prompts
@@ -62,8 +64,9 @@ class Settings:
 
     eval_examples: int | None = None  # test items per score: None = the whole split; else a seeded subset,
                                       #   the same items for every setting (tables say "n of N")
-    shots: tuple[int, ...] = (0, 1, 5)
+    shots: tuple[int, ...] = (0, 1, 3, 5)
     finetune_steps: int = 200         # fixed optimizer-step budget per (model, task)
+    random_init_control: bool = False  # also fine-tune the same model from random weights (same budget)
     val_examples: int = 50            # validation items scored during fine-tuning
     val_every: int = 100              # validate + checkpoint every this many steps
     batch_size: int = 8
@@ -84,13 +87,14 @@ class Model:
     name: str
     init: str
     args: tuple[str, ...] = ()  # e.g. ("--data.max_length", "512")
+    shots: tuple[int, ...] | None = None  # k-shot settings of this model (None: the settings')
 
 
 @dataclass
 class Row:
     model: str
     task: str
-    setting: str        # "0-shot", "1-shot", "5-shot", "fine-tuned"
+    setting: str        # "0-shot", "1-shot", ..., "fine-tuned", "fine-tuned, random init"
     metric: str         # the primary metric's name (bleu, rougeL, f1)
     score: float
     metrics: dict[str, float]
@@ -101,7 +105,8 @@ class Row:
     wall_s: float       # evaluation (fine-tuned: fine-tuning + evaluation)
     n_total: int = 0    # items in the test split (n < n_total: a seeded subset)
     intervals: dict[str, list[float]] = field(default_factory=dict)  # 95% CI per score
-    paired: dict[str, dict[str, Any]] = field(default_factory=dict)  # vs 0-shot on the same items, per score
+    paired: dict[str, dict[str, Any]] = field(default_factory=dict)  # vs `baseline` on the same items, per score
+    baseline: str = "0-shot"  # the setting this row is tested against
     extra: dict[str, Any] = field(default_factory=dict)
     # The scored items (not in the tables): what paired tests need.
     ids: list[str] = field(default_factory=list, repr=False)
@@ -135,12 +140,17 @@ def evaluate(model: Model, task: SuiteTask, settings: Settings, shots: int, root
                references=[it["references"] for it in items], lang=cli.datamodule.task.target_lang or "en")
 
 
-def finetune(model: Model, task: SuiteTask, settings: Settings, root: Path) -> Row:
-    """``python -m finetune fit`` with a fixed step budget, then evaluate the best checkpoint 0-shot."""
+RANDOM_INIT = "fine-tuned, random init"
+
+
+def finetune(model: Model, task: SuiteTask, settings: Settings, root: Path, random_init: bool = False) -> Row:
+    """``python -m finetune fit`` with a fixed step budget, then evaluate the best checkpoint 0-shot
+    (``random_init``: the same architecture and tokenizer from freshly drawn weights)."""
     started = time.time()
     shutil.rmtree(root, ignore_errors=True)  # a fresh run: no checkpoints of an earlier one to pick from
     logger = [] if settings.wandb_finetune else ["--trainer.logger", "false"]
     cli = finetune_cli(["fit", *_common_args(model, task, settings, root), *logger,
+                        *(["--model.random_init", "true"] if random_init else []),
                         "--data.train_split", task.train_split, "--data.val_split", task.val_split,
                         "--data.batch_size", str(settings.batch_size),
                         "--data.max_val_examples", str(settings.val_examples),
@@ -155,8 +165,9 @@ def finetune(model: Model, task: SuiteTask, settings: Settings, root: Path) -> R
     if not best:
         raise RuntimeError(f"fine-tuning {model.name} on {task.name} saved no best checkpoint under {root}")
     tuned = replace(model, init=best)
-    row = evaluate(tuned, task, settings, 0, root, "fine-tuned")
+    row = evaluate(tuned, task, settings, 0, root, RANDOM_INIT if random_init else "fine-tuned")
     row.model, row.wall_s = model.name, time.time() - started
+    row.baseline = "fine-tuned" if random_init else "0-shot"
     row.extra.update({"checkpoint": best, "best_val_score": float(callback.best_model_score),
                       "steps": settings.finetune_steps, "fit_s": fit_s,
                       "train_prompts": cli.datamodule.train_stats.as_dict() if cli.datamodule.train_stats else None})
@@ -170,29 +181,34 @@ def run_suite(models: list[Model], out_dir: str | Path, settings: Settings = Set
     for model in models:
         for task in tasks:
             root = Path(out_dir) / model.name / task.name
-            for k in settings.shots:
-                rows.append(evaluate(model, task, settings, k, root, f"{k}-shot"))
-                log(_progress(rows[-1]))
-            rows.append(finetune(model, task, settings, root / "finetune"))
-            log(_progress(rows[-1]))
-            compare_with_zero_shot(rows[-len(settings.shots) - 1:])
+            cells: list[Row] = []
+            for k in (settings.shots if model.shots is None else model.shots):
+                cells.append(evaluate(model, task, settings, k, root, f"{k}-shot"))
+                log(_progress(cells[-1]))
+            cells.append(finetune(model, task, settings, root / "finetune"))
+            log(_progress(cells[-1]))
+            if settings.random_init_control:
+                cells.append(finetune(model, task, settings, root / "finetune-random-init", random_init=True))
+                log(_progress(cells[-1]))
+            compare_with_baselines(cells)
+            rows += cells
     return rows
 
 
-def compare_with_zero_shot(rows: list[Row], baseline: str = "0-shot") -> None:
-    """Fill ``row.paired`` of every row of one (model, task) with a paired test against ``baseline``."""
+def compare_with_baselines(rows: list[Row]) -> None:
+    """Fill ``row.paired`` of every row of one (model, task) with a paired test against the row of
+    its ``baseline`` setting (when that setting was run)."""
     from finetune.significance import paired_test
     from finetune.tasks import load_task
 
-    base = next((r for r in rows if r.setting == baseline), None)
-    if base is None:
-        return
-    metric = load_task(base.task).metric
+    by_setting = {r.setting: r for r in rows}
     for row in rows:
-        if row is base:
+        base = by_setting.get(row.baseline)
+        if base is None or base is row:
             continue
         if row.ids != base.ids:
-            raise RuntimeError(f"{row.model} {row.task}: {row.setting} and {baseline} scored different items")
+            raise RuntimeError(f"{row.model} {row.task}: {row.setting} and {row.baseline} scored different items")
+        metric = load_task(base.task).metric
         row.paired = paired_test(metric, base.predictions, row.predictions, base.references, lang=base.lang)
 
 
@@ -218,7 +234,7 @@ def scores_text(row: Row) -> str:
 
 
 def cell(row: Row, key: str, mark: bool = True) -> str:
-    """``score [lo, hi]``, with ``*`` when a paired test finds it different from 0-shot (p < 0.05)."""
+    """``score [lo, hi]``, with ``*`` when a paired test finds it different from its baseline (p < 0.05)."""
     text = format_interval(row.metrics[key], row.intervals.get(key))
     return text + ("*" if mark and row.paired.get(key, {}).get("significant") else "")
 
@@ -235,7 +251,8 @@ def markdown_table(rows: list[Row]) -> str:
 
 def headline_table(rows: list[Row]) -> str:
     """One line per (model, task, metric), one column per setting: score [95% CI], * = differs from
-    0-shot on the same items (paired test, p < 0.05)."""
+    its baseline on the same items (paired test, p < 0.05): 0-shot, and for the random-init control
+    the pretrained model fine-tuned."""
     settings = list(dict.fromkeys(r.setting for r in rows))
     cells: dict[tuple[str, str], dict[str, Row]] = {}
     for r in rows:
@@ -252,15 +269,15 @@ def headline_table(rows: list[Row]) -> str:
 
 
 def paired_table(rows: list[Row]) -> str:
-    """Every paired test against 0-shot: difference, p-value, significant at 0.05, and the test."""
-    lines = ["| model | task | metric | setting vs 0-shot | difference | p | significant |", "|---|---|---|---|---|---|---|"]
+    """Every paired test against its baseline: difference, p-value, significant at 0.05, and the test."""
+    lines = ["| model | task | metric | setting vs baseline | difference | p | significant |", "|---|---|---|---|---|---|---|"]
     tests = set()
     for r in rows:
         for key in reported(r):
             if key in r.paired:
                 t = r.paired[key]
                 tests.add(t["test"])
-                lines.append(f"| {r.model} | {r.task} | {SHOWN.get(key, key)} | {r.setting} | {t['delta']:+.2f} | "
+                lines.append(f"| {r.model} | {r.task} | {SHOWN.get(key, key)} | {r.setting} vs {r.baseline} | {t['delta']:+.2f} | "
                              f"{t['p_value']:.4f} | {'yes' if t['significant'] else 'no'} |")
     return "\n".join(lines) + "\n\nTests: " + "; ".join(f"`{t}`" for t in sorted(tests)) + "\n"
 

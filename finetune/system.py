@@ -39,6 +39,9 @@ class FinetuneSystem(LMSystem):
     Args:
         init: Our pretraining checkpoint (.ckpt, ZeRO dir, run dir), a Hugging Face model
             directory, or a hub name (gpt2, t5-small, facebook/bart-base, Helsinki-NLP/opus-mt-en-fr).
+        random_init: With ``init``: keep its architecture, config and tokenizer but start from
+            freshly drawn weights (the no-pretraining control of the same model: "does
+            pretraining help?" compares the two at equal fine-tuning steps).
         scratch: Instead of ``init``: the architecture of a model trained from scratch, e.g.
             ``{model_type: rnn_seq2seq, cell: gru, attention: bahdanau}`` or ``{model_type: t5,
             d_model: 256}`` (options: ``--model.scratch.help RNNArch``, ``T5Arch``, ``MarianArch``, ``GPT2Arch``).
@@ -62,6 +65,7 @@ class FinetuneSystem(LMSystem):
     def __init__(
         self,
         init: str | None = None,
+        random_init: bool = False,
         scratch: ScratchArch | None = None,
         tokenizer: str | None = None,
         tokenizer_vocab_size: int = 8000,
@@ -82,16 +86,19 @@ class FinetuneSystem(LMSystem):
         if (init is None) == (scratch is None):
             raise ValueError("give exactly one of model.init (a pretrained model) and model.scratch (a config "
                              "to train from scratch)")
+        if random_init and init is None:
+            raise ValueError("model.random_init needs model.init (the model whose architecture and tokenizer "
+                             "to keep); with model.scratch every weight is random already")
         self.scratch: ScratchArch | None = scratch_arch(scratch) if scratch is not None else None
         # Primitives only, so checkpoints load with torch.load(weights_only=True).
-        self.save_hyperparameters({"init": init, "scratch": self.scratch.to_dict() if self.scratch else None,
+        self.save_hyperparameters({"init": init, "random_init": random_init, "scratch": self.scratch.to_dict() if self.scratch else None,
                                    "tokenizer": tokenizer, "tokenizer_vocab_size": tokenizer_vocab_size, "lr": lr,
                                    "min_lr_ratio": min_lr_ratio, "warmup_steps": warmup_steps,
                                    "weight_decay": weight_decay, "num_beams": num_beams,
                                    "length_penalty": length_penalty, "max_new_tokens": max_new_tokens,
                                    "label_smoothing": label_smoothing})
         if init is not None:
-            loaded = load_pretrained(init)
+            loaded = load_pretrained(init, random_init=random_init)
             self.model, self.tokenizer = loaded.model, loaded.tokenizer
             self.kind = loaded.kind
         else:

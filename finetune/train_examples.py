@@ -101,6 +101,14 @@ class TrainExamples(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def length(self, i: int) -> int:
+        """Padded length row ``i`` adds to a batch, without fitting it: decoder prompt + completion;
+        encoder-decoder the longer of input and labels (they are padded separately)."""
+        prompt = min(len(self._prompt_ids[i]), self._budget(i))
+        if self.kind == "decoder":
+            return prompt + len(self._targets[i])
+        return max(prompt, len(self._targets[i]))
+
     def __getitem__(self, i: int) -> dict[str, list[int]]:
         if i not in self._fitted:
             self._fitted[i] = self._example(i)

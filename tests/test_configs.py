@@ -33,6 +33,10 @@ def test_config_parses(path: Path, capsys: pytest.CaptureFixture, monkeypatch: p
     elif kind == "compare":  # not a LightningCLI config: parsed by `python -m finetune compare`
         check_compare_config(parse_compare_config(path, monkeypatch))
         return
+    elif kind == "study":  # parsed by `python -m finetune study`; its variants and the configs it names too
+        for quick in (False, True):
+            check_study_config(parse_study_config(path, monkeypatch, quick), monkeypatch)
+        return
     elif kind == "tasks":  # not a CLI config: a task is loaded (and its templates checked) by load_task
         from finetune.tasks import load_task
 
@@ -75,6 +79,44 @@ def check_compare_config(config) -> None:
     assert not unknown, f"model_options for models that are not in `models`: {unknown}"
     for name, arch in config.models.items():
         assert not isinstance(arch, GPT2Arch), name  # a translation comparison: seq2seq models
+
+
+def parse_study_config(path: Path, monkeypatch: pytest.MonkeyPatch, quick: bool):
+    """The StudyConfig `python -m finetune study --config <path> [--quick]` builds (the study itself
+    replaced by a recorder), through the same entry point and parser."""
+    import finetune.__main__ as entry
+    import finetune.study as study_module
+
+    parsed: list = []
+    monkeypatch.setattr(study_module, "study", lambda cfg, command: parsed.append(cfg))
+    monkeypatch.setattr(sys, "argv", ["python -m finetune", "study", "--config", str(path), *(["--quick"] if quick else [])])
+    entry.main()
+    assert len(parsed) == 1 and isinstance(parsed[0], study_module.StudyConfig), parsed
+    return parsed[0]
+
+
+def check_study_config(config, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its tasks load, its pretraining presets exist, and every comparison parses with the study's overrides."""
+    import json
+
+    from finetune.tasks import load_task
+
+    for task in config.tasks:
+        load_task(task)
+    repo = CONFIGS.parent
+    for name, model in config.models.items():
+        assert model.pretrain is None or (repo / model.pretrain).is_file(), (name, model.pretrain)
+    overrides = [a for k, v in config.compare_overrides.items()
+                 for a in (f"--{k}", json.dumps(v) if isinstance(v, (list, dict)) else str(v))]
+    for compare in config.compare:
+        import finetune.__main__ as entry
+        import finetune.compare as compare_module
+
+        parsed: list = []
+        monkeypatch.setattr(compare_module, "compare", parsed.append)
+        monkeypatch.setattr(sys, "argv", ["python -m finetune", "compare", "--config", str(repo / compare), *overrides])
+        entry.main()
+        check_compare_config(parsed[0])
 
 
 COMPARE_YAML = CONFIGS / "compare" / "translation_en_fr.yaml"

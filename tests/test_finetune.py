@@ -222,16 +222,19 @@ def test_more_shots_than_fit_are_reported_with_the_reason(tiny: dict[str, Path],
     assert results["shots_limited_by"] == {"pool": 0, "context": 3} and 0 < results["shots_used_max"] < 3
 
 
+@pytest.mark.parametrize("batching", [("--data.batch_size", "1"), ("--data.batch_tokens", "24")],
+                         ids=["sentences", "tokens"])
 def test_interrupted_fine_tuning_resumes_exactly(tiny: dict[str, Path], tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+                                                monkeypatch: pytest.MonkeyPatch, batching: tuple[str, str]) -> None:
     """Interrupted after step 2 and resumed with --ckpt_path last, a run ends with the weights of an
-    uninterrupted one (same data order mid-epoch, same dropout RNG) and continues its W&B run."""
+    uninterrupted one (same data order mid-epoch, same dropout RNG) and continues its W&B run; with
+    batches of sentences and with token-based batches."""
     monkeypatch.setenv("LMTRAIN_DATA_ROOT", str(Path(__file__).parent / "fixtures" / "tasks"))
     task = str(Path(__file__).parent / "fixtures" / "tasks" / "capitals.yaml")
 
     def fit(run: Path, *extra: str):
         return finetune_cli(["fit", "--model.init", str(tiny["gpt2"]), "--data.task", task, "--data.val_split", "test",
-                             "--data.batch_size", "1", "--data.max_val_examples", "2", "--model.max_new_tokens", "2",
+                             *batching, "--data.max_val_examples", "2", "--model.max_new_tokens", "2",
                              "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
                              "--trainer.default_root_dir", str(run), "--trainer.accelerator", "cpu",
                              "--trainer.enable_progress_bar", "false", *extra])
@@ -303,3 +306,29 @@ def test_fit_fast_dev_run(kind: str, tiny: dict[str, Path], tmp_path: Path, monk
                         "--trainer.default_root_dir", str(tmp_path), *QUIET])
     assert cli.trainer.global_step == 2
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "t5"])
+def test_random_init_keeps_the_architecture_and_tokenizer_and_draws_new_weights(tiny: dict[str, Path], kind: str) -> None:
+    """The no-pretraining control: same config and tokenizer as --model.init, none of its weights,
+    and the same draw for the same seed (so the control is reproducible)."""
+    from finetune.pretrained import load_pretrained
+
+    pretrained = load_pretrained(str(tiny[kind]))
+    torch.manual_seed(0)
+    control = load_pretrained(str(tiny[kind]), random_init=True)
+    torch.manual_seed(0)
+    again = load_pretrained(str(tiny[kind]), random_init=True)
+    assert control.model.config.to_dict() == pretrained.model.config.to_dict()
+    assert control.tokenizer("Paris")["input_ids"] == pretrained.tokenizer("Paris")["input_ids"]
+    ours, theirs, same = (m.model.state_dict() for m in (control, pretrained, again))
+    assert ours.keys() == theirs.keys()
+    assert not any(torch.equal(ours[k], theirs[k]) for k in ours if ours[k].numel() > 1 and ours[k].std() > 0)
+    assert all(torch.equal(ours[k], same[k]) for k in ours)
+
+
+def test_random_init_without_init_is_refused() -> None:
+    from finetune.system import FinetuneSystem
+
+    with pytest.raises(ValueError, match="model.random_init needs model.init"):
+        FinetuneSystem(scratch={"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 8}, random_init=True)

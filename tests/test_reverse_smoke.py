@@ -20,6 +20,8 @@ FAMILIES = {
                     "dropout: 0.0, feed_forward_proj: relu}", 2e-3),
     "nmt_transformer": ("{model_type: marian, d_model: 64, ffn_dim: 256, num_heads: 4, encoder_layers: 2, "
                         "decoder_layers: 2, dropout: 0.0, attention_dropout: 0.0}", 2e-3),
+    "prenorm_nmt_transformer": ("{model_type: marian, norm: pre, d_model: 64, ffn_dim: 256, num_heads: 4, "
+                                "encoder_layers: 2, decoder_layers: 2, dropout: 0.0, attention_dropout: 0.0}", 2e-3),
 }
 
 

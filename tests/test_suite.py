@@ -28,10 +28,12 @@ def test_suite_rows_for_every_model_task_and_setting(families: tuple[str, ...], 
     names = {"gpt2": "gpt", "t5": "t5"}
     models = [Model(names[f], str(save_tiny_model(f, tmp_path / names[f])), no_plots) for f in families]
     settings = Settings(eval_examples=4, shots=(0, 5), finetune_steps=2, val_examples=4, val_every=2, batch_size=2,
-                        max_train_examples=16, wandb_finetune=False)  # 1-shot left out: the same path as 5-shot
+                        max_train_examples=16, wandb_finetune=False,  # 1-shot left out: the same path as 5-shot
+                        random_init_control=True)
     rows = run_suite(models, tmp_path / "suite", settings, log=lambda _: None)
 
-    expected = [(m.name, t.name, s) for m in models for t in TASKS for s in ("0-shot", "5-shot", "fine-tuned")]
+    settings_run = ("0-shot", "5-shot", "fine-tuned", "fine-tuned, random init")
+    expected = [(m.name, t.name, s) for m in models for t in TASKS for s in settings_run]
     assert [(r.model, r.task, r.setting) for r in rows] == expected
     assert all_finite(rows)
     assert all(r.n == 4 and r.n_total > 4 and r.wall_s > 0 for r in rows)
@@ -49,8 +51,12 @@ def test_suite_rows_for_every_model_task_and_setting(families: tuple[str, ...], 
                                   "f1": {"exact_match", "f1"}}[r.metric]
         if r.setting == "0-shot":
             assert r.shots_used_mean == 0
-    tuned = [r for r in rows if r.setting == "fine-tuned"]
+    tuned = [r for r in rows if r.setting.startswith("fine-tuned")]
     assert all(Path(r.extra["checkpoint"]).is_file() and r.extra["steps"] == 2 for r in tuned)
+    # The control is tested against the pretrained model fine-tuned, from a run of its own that says so.
+    assert {r.baseline for r in rows if r.setting == "fine-tuned, random init"} == {"fine-tuned"}
+    control = tmp_path / "suite" / "t5" / "squad" / "finetune-random-init" / "config.yaml"
+    assert "random_init: true" in control.read_text()
     # the fine-tuned scores come from the fine-tuning run's own evaluation directory
     assert (tmp_path / "suite" / "t5" / "squad" / "finetune" / "eval" / "squad-test-0shot" / "results.json").is_file()
 
@@ -61,9 +67,10 @@ def test_suite_rows_for_every_model_task_and_setting(families: tuple[str, ...], 
     assert table.count("\n") == 2 + len(expected)
     assert "| gpt | tatoeba_en_fr | 5-shot | BLEU" in table and "| 4 of 2000 |" in table
     headline = headline_table(rows)
-    assert "| model | task | n of N | metric | 0-shot | 5-shot | fine-tuned |" in headline
+    assert "| model | task | n of N | metric | 0-shot | 5-shot | fine-tuned | fine-tuned, random init |" in headline
     assert headline.count("\n") == 2 + 2 * (2 + 3 + 2)  # BLEU+chrF, R-1/2/L, EM+F1 per model
     assert "| gpt | tatoeba_en_fr | 4 of 2000 | BLEU |" in headline and " [" in headline
     tests = paired_table(rows)
-    assert tests.count("| 5-shot |") == tests.count("| fine-tuned |") == 2 * (2 + 3 + 2)
+    assert tests.count("| 5-shot vs 0-shot |") == tests.count("| fine-tuned vs 0-shot |") == 2 * (2 + 3 + 2)
+    assert tests.count("| fine-tuned, random init vs fine-tuned |") == 2 * (2 + 3 + 2)
     assert "paired-ar" in tests and "paired-bootstrap" in tests
