@@ -47,6 +47,8 @@ class CompareConfig:
         val_every_minutes: With ``budget_minutes``: validate after this much training time
             (default: budget / 6), so every model gets the same number of points on its curve.
         batch_size: Default training sentences per step.
+        batch_tokens: Default token-based batches (at most this many tokens, padding included, of
+            similar-length sentences; the transformer NMT recipes' batching) instead of ``batch_size``.
         label_smoothing: Default label smoothing of the training loss.
         weight_decay: Default AdamW weight decay.
         max_train_examples: Random subset of the train split (None: all).
@@ -68,6 +70,7 @@ class CompareConfig:
     budget_minutes: float | None = None
     val_every_minutes: float | None = None
     batch_size: int = 64
+    batch_tokens: int | None = None
     label_smoothing: float = 0.0
     weight_decay: float = 0.0
     max_train_examples: int | None = None
@@ -101,6 +104,7 @@ class CompareConfig:
 
 # What a model may set for itself, and the `finetune fit` flag each becomes.
 MODEL_OPTIONS = {"lr": "--model.lr", "warmup_steps": "--model.warmup_steps", "batch_size": "--data.batch_size",
+                 "batch_tokens": "--data.batch_tokens",
                  "label_smoothing": "--model.label_smoothing", "max_steps": "--trainer.max_steps",
                  "weight_decay": "--model.weight_decay"}
 
@@ -118,7 +122,8 @@ def train_and_score(cfg: CompareConfig, name: str, arch: ScratchArch,
 
     run_dir = Path(cfg.out_dir) / name
     started = time.time()
-    recipe = [arg for key, flag in MODEL_OPTIONS.items() for arg in (flag, str(cfg.option(name, key)))]
+    recipe = [arg for key, flag in MODEL_OPTIONS.items() if cfg.option(name, key) is not None
+              for arg in (flag, str(cfg.option(name, key)))]
     if cfg.budget_minutes is None:
         budget = ["--trainer.val_check_interval", str(cfg.val_check_interval)]
     else:  # validation every val_every_minutes of training (Lightning's time-based interval)
@@ -263,7 +268,8 @@ def plot_learning_curves(results: list[dict[str, Any]], path: Path, title: str) 
 
 
 def _budget_line(cfg: CompareConfig) -> str:
-    shared = f"{cfg.batch_size} sentences per step, LR {cfg.lr:g}, warmup {cfg.warmup_steps}"
+    batch = f"{cfg.batch_tokens} tokens" if cfg.batch_tokens else f"{cfg.batch_size} sentences"
+    shared = f"{batch} per step, LR {cfg.lr:g}, warmup {cfg.warmup_steps}"
     own = "; ".join(f"{name}: " + ", ".join(f"{k} {v}" for k, v in opts.items())
                     for name, opts in cfg.model_options.items())
     budget = (f"{cfg.budget_minutes:g} minutes of training time per model (validation excluded; each model's "

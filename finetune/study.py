@@ -16,7 +16,8 @@ exists for, measured on the shipped data, in one command, one folder and one rep
 Sections 4-5 are the task suite (`finetune/suite.py`) with the random-init control. A pretrained
 model whose config names a ``pretrain`` preset is trained first when its run is missing or short
 (``python -m pretrain fit ... --ckpt_path last`` in a subprocess: a finished run trains no step).
-``--quick`` applies the config's ``quick:`` overrides (the test suite's variant). Outputs in
+``--quick`` applies the config's ``quick:`` overrides (the test suite's variant; flags given on the
+command line still win). Outputs in
 ``out_dir``: ``study.md`` (every table, the plots, command, machine, wall times), ``study.json``,
 ``shots.png``, ``pretraining.png``, ``compare/<name>/`` (each comparison's own files) and a W&B run.
 """
@@ -101,9 +102,10 @@ class StudyConfig:
             if not Path(path).is_file():
                 raise FileNotFoundError(f"study compare: no such config {path!r}")
 
-    def quick_variant(self) -> StudyConfig:
-        values = {f.name: getattr(self, f.name) for f in fields(self)} | self.quick | {"quick": {}}
-        return StudyConfig(**values)
+    def quick_variant(self, keep: set[str] = frozenset()) -> StudyConfig:
+        """The config with its ``quick:`` overrides applied, except to the fields in ``keep``."""
+        quick = {k: v for k, v in self.quick.items() if k not in keep}
+        return StudyConfig(**({f.name: getattr(self, f.name) for f in fields(self)} | quick | {"quick": {}}))
 
 
 # ---- sections 4-5: the suite with the random-init control ----------------------------------------
@@ -292,7 +294,7 @@ def study(cfg: StudyConfig, command: str) -> dict[str, Any]:
     plot_shots(rows, out / "shots.png")
     plot_pretraining(rows, out / "pretraining.png")
     (out / "study.md").write_text(render(cfg, rows, comparisons, report, out), encoding="utf-8")
-    summary = {**report, "rows": rows_as_dicts(rows),
+    summary = {**report, "report": str(out / "study.md"), "rows": rows_as_dicts(rows),
                "comparisons": [{k: v for k, v in c.items() if k != "by_length"} | {"by_length": c["by_length"]}
                                for c in comparisons]}
     (out / "study.json").write_text(json.dumps(summary, indent=1, default=str) + "\n", encoding="utf-8")
@@ -326,8 +328,9 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     parser.add_class_arguments(StudyConfig, nested_key=None)
     parsed = parser.parse_args([a for a in args if a != "--quick"])
     cfg = StudyConfig(**{k: v for k, v in vars(parsed).items() if k not in ("config", "__default_config__")})
-    if quick:
-        cfg = cfg.quick_variant()
+    if quick:  # flags given on the command line win over the config's quick: overrides
+        given = {a[2:].split("=")[0].split(".")[0] for a in args if a.startswith("--")}
+        cfg = cfg.quick_variant(keep=given)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     command = "python -m finetune study " + " ".join(args)
     return study(cfg, command)

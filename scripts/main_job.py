@@ -2,12 +2,15 @@
 
 For gpt-tiny and t5-tiny: prepare the shipped corpus -> pretrain -> validate on the held-out split
 next to a unigram baseline on the same tokens -> export to Hugging Face format -> generate from the
-export. Then the task suite (finetune/suite.py) on both pretrained models: translation
-(tatoeba_en_fr), summarization (dialogsum) and QA (squad), each scored zero-shot, 1-shot, 5-shot and
-after fine-tuning; one results table at the end. Every step is the public CLI/API a user would
-call; W&B logs offline unless you are logged in.
+export. Then a short version of the study (`python -m finetune study --config
+configs/study/main_job.yaml`): both pretrained models on translation (tatoeba_en_fr), summarization
+(dialogsum) and QA (squad), scored zero-shot, k-shot, fine-tuned, and fine-tuned from random weights
+(does pretraining help?), each with intervals and paired tests; and the RNNs (no attention,
+Bahdanau, Luong) against the NMT transformer on Tatoeba at a short equal budget. One report:
+runs/study-main-job/study.md. Every step is the public CLI/API a user would call; W&B logs offline
+unless you are logged in.
 
-    python scripts/main_job.py                    # both models + the suite, ~31 min on 2 CPU cores
+    python scripts/main_job.py                    # both models + the short study
     python scripts/main_job.py --families gpt2    # gpt-tiny only
     python scripts/main_job.py --quick            # a few-minute smoke run of the same pipeline
 
@@ -18,6 +21,7 @@ validates, exports and scores again; delete runs/<model> (or pass --runs-dir) to
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import time
@@ -29,9 +33,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see shared notes: spinnin
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = {"gpt2": REPO / "configs" / "pretrain" / "gpt-tiny.yaml", "t5": REPO / "configs" / "pretrain" / "t5-tiny.yaml"}
 QUICK_PRETRAIN = ["--trainer.max_steps", "200", "--trainer.val_check_interval", "100", "--samples.every_n_steps", "100"]
-# No --data.max_length: each model is scored inside the context it was pretrained on (256 tokens;
-# recorded in its checkpoint as trained_context_length).
-MODEL_ARGS: dict[str, tuple[str, ...]] = {"gpt2": (), "t5": ()}
+STUDY = REPO / "configs" / "study" / "main_job.yaml"
+# k-shot settings per family (default run, --quick): few-shot is the decoder's question; t5 as before.
+STUDY_SHOTS = {"gpt2": {False: [0, 1, 3, 5], True: [0, 1]}, "t5": {False: [0, 1, 5], True: [0, 1]}}
 
 
 def main() -> None:
@@ -42,38 +46,37 @@ def main() -> None:
                         help="gpt2: decoder, next-token loss; t5: encoder-decoder, span corruption")
     parser.add_argument("--family", choices=sorted(PRESETS), help="one family (the same as --families FAMILY)")
     parser.add_argument("--runs-dir", default=None, help="where the runs go (default runs/, or runs/quick/)")
-    parser.add_argument("--no-suite", action="store_true", help="pretrain, validate, export, generate only")
+    parser.add_argument("--no-suite", action="store_true", help="pretrain, validate, export, generate only (no study)")
     args = parser.parse_args()
     families = [args.family] if args.family else args.families
     runs = Path(args.runs_dir or ("runs/quick" if args.quick else "runs"))
     os.chdir(REPO)  # configs name the corpus out_dir relative to the repository
 
-    from finetune.suite import QUICK, Model, Settings, headline_table, markdown_table, run_suite
+    from finetune.study import main as study_main
 
     started = time.time()
-    summaries, models = [], []
-    for family in families:
-        run_dir = runs / PRESETS[family].stem
-        summaries.append(pretrain(family, str(run_dir), args.quick))
-        models.append(Model(PRESETS[family].stem, str(run_dir), MODEL_ARGS[family]))
+    summaries = [pretrain(family, str(runs / PRESETS[family].stem), args.quick) for family in families]
     pretrain_min = (time.time() - started) / 60
 
-    rows = []
+    study = None
     if not args.no_suite:
-        print("\n=== 6. task suite: 0/1/5-shot and fine-tuned scores on tatoeba_en_fr, dialogsum, squad ===",
+        print("\n=== 6. the short study: k-shot, fine-tuned and random-init scores; RNNs vs transformer ===",
               flush=True)
-        rows = run_suite(models, runs / "suite", QUICK if args.quick else Settings())
+        # The study config names runs/<preset> (runs/quick/<preset> with --quick): point it at these runs.
+        models = {PRESETS[f].stem: {"init": str(runs / PRESETS[f].stem), "shots": STUDY_SHOTS[f][args.quick]}
+                  for f in families}
+        study = study_main(["--config", str(STUDY), *(["--quick"] if args.quick else []),
+                            "--models", json.dumps(models), *(["--out_dir", str(runs / "study")] if args.runs_dir else [])])
 
     print("\n=== results ===\n")
     for s in summaries:
         print(f"{s['name']}: val loss {s['loss']:.3f} nats/token (ppl {math.exp(s['loss']):.1f}) vs "
               f"{s['baseline_name']} {s['baseline']['val_loss']:.3f} ({s['baseline']['val_ppl']:.1f}); "
               f"exported to {s['export_dir']}; sample: {s['sample']!r}")
-    if rows:
-        print("\nTest-split scores, 95% intervals; * = differs from 0-shot on the same items (paired test, "
-              "p < 0.05); runs under " + str(runs / "suite") + ":\n")
-        print(headline_table(rows))
-        print(markdown_table(rows))
+    if study:
+        print(f"\nThe short study (every score with its 95% interval, * = differs from its baseline on the same "
+              f"items, paired test p < 0.05), also in {study['report']}:\n")
+        print(Path(study["report"]).read_text(encoding="utf-8"))
     print(f"wall time: {(time.time() - started) / 60:.1f} min (pretraining, validation, export, generation: "
           f"{pretrain_min:.1f} min)")
 
