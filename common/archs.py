@@ -268,26 +268,15 @@ def build_marian(arch: MarianArch, tokenizer_size: int, eos_id: int, pad_id: int
     """A randomly initialised MarianMTModel (``norm: post``) or pre-norm M2M100ForConditionalGeneration
     (``norm: pre``); decoding starts from the pad token, as in Marian."""
     arch.check()
-    if arch.norm == "pre":
-        config = M2M100Config(
-            vocab_size=arch.resolve_vocab(tokenizer_size), d_model=arch.d_model,
-            encoder_layers=arch.encoder_layers, decoder_layers=arch.decoder_layers,
-            encoder_attention_heads=arch.num_heads, decoder_attention_heads=arch.num_heads,
-            encoder_ffn_dim=arch.ffn_dim, decoder_ffn_dim=arch.ffn_dim, max_position_embeddings=arch.max_positions,
-            dropout=arch.dropout, attention_dropout=arch.attention_dropout, activation_function=arch.activation,
-            encoder_layerdrop=0.0, decoder_layerdrop=0.0,  # M2M100's defaults drop whole layers: not the paper's
-            scale_embedding=True, tie_word_embeddings=True, pad_token_id=pad_id, eos_token_id=eos_id,
-            decoder_start_token_id=pad_id, bos_token_id=None,
-        )
-        return M2M100ForConditionalGeneration(config)
-    config = MarianConfig(
+    shared = dict(  # both: Vaswani's shape, sinusoidal positions, scaled and tied embeddings
         vocab_size=arch.resolve_vocab(tokenizer_size), d_model=arch.d_model,
         encoder_layers=arch.encoder_layers, decoder_layers=arch.decoder_layers,
         encoder_attention_heads=arch.num_heads, decoder_attention_heads=arch.num_heads,
         encoder_ffn_dim=arch.ffn_dim, decoder_ffn_dim=arch.ffn_dim, max_position_embeddings=arch.max_positions,
         dropout=arch.dropout, attention_dropout=arch.attention_dropout, activation_function=arch.activation,
-        scale_embedding=True, share_encoder_decoder_embeddings=True, tie_word_embeddings=True,
-        pad_token_id=pad_id, eos_token_id=eos_id, forced_eos_token_id=eos_id, decoder_start_token_id=pad_id,
-        bos_token_id=None,
+        scale_embedding=True, tie_word_embeddings=True, pad_token_id=pad_id, eos_token_id=eos_id,
+        decoder_start_token_id=pad_id, bos_token_id=None,
     )
-    return MarianMTModel(config)
+    if arch.norm == "pre":  # M2M100's defaults drop whole layers (layerdrop): not the paper's model
+        return M2M100ForConditionalGeneration(M2M100Config(**shared, encoder_layerdrop=0.0, decoder_layerdrop=0.0))
+    return MarianMTModel(MarianConfig(**shared, share_encoder_decoder_embeddings=True, forced_eos_token_id=eos_id))

@@ -63,6 +63,7 @@ class StudyConfig:
         models: name -> a pretrained model (sections 4-5).
         tasks: Tasks of sections 4-5 (names or YAML paths): one translation, one summarization.
         shots: k-shot settings of the decoders (section 5).
+        shot_tasks: Tasks that get the k > 0 settings (None: all; the others are scored 0-shot).
         finetune_steps: Fine-tuning steps, the same for pretrained and random-init weights.
         batch_size: Fine-tuning batch.
         lr: Fine-tuning peak LR (the same for both inits: the control changes the weights only).
@@ -80,6 +81,7 @@ class StudyConfig:
     models: dict[str, StudyModel] = field(default_factory=dict)
     tasks: list[str] = field(default_factory=lambda: ["tatoeba_en_fr", "dialogsum"])
     shots: list[int] = field(default_factory=lambda: [0, 1, 3, 5])
+    shot_tasks: list[str] | None = None
     finetune_steps: int = 200
     batch_size: int = 8
     lr: float = 1e-3
@@ -130,7 +132,8 @@ def run_pretraining_and_shots(cfg: StudyConfig, out: Path) -> list[Row]:
         ensure_pretrained(name, model, cfg.pretrain_args)
     settings = Settings(eval_examples=cfg.eval_examples, shots=tuple(cfg.shots), finetune_steps=cfg.finetune_steps,
                         val_examples=cfg.val_examples, val_every=cfg.val_every, batch_size=cfg.batch_size, lr=cfg.lr,
-                        max_train_examples=cfg.max_train_examples, random_init_control=True)
+                        max_train_examples=cfg.max_train_examples, random_init_control=True,
+                        shot_tasks=None if cfg.shot_tasks is None else tuple(cfg.shot_tasks))
     models = [Model(name, m.init, ("--attention_plots.n_examples", "0"), None if m.shots is None else tuple(m.shots))
               for name, m in cfg.models.items()]
     return run_suite(models, out / "suite", settings, tasks=tuple(suite_task(t) for t in cfg.tasks))

@@ -67,6 +67,7 @@ class Settings:
     shots: tuple[int, ...] = (0, 1, 3, 5)
     finetune_steps: int = 200         # fixed optimizer-step budget per (model, task)
     random_init_control: bool = False  # also fine-tune the same model from random weights (same budget)
+    shot_tasks: tuple[str, ...] | None = None  # tasks that get the k > 0 settings (None: all; others 0-shot)
     val_examples: int = 50            # validation items scored during fine-tuning
     val_every: int = 100              # validate + checkpoint every this many steps
     batch_size: int = 8
@@ -182,7 +183,10 @@ def run_suite(models: list[Model], out_dir: str | Path, settings: Settings = Set
         for task in tasks:
             root = Path(out_dir) / model.name / task.name
             cells: list[Row] = []
-            for k in (settings.shots if model.shots is None else model.shots):
+            shots = settings.shots if model.shots is None else model.shots
+            if settings.shot_tasks is not None and task.name not in settings.shot_tasks:
+                shots = tuple(k for k in shots if k == 0)
+            for k in shots:
                 cells.append(evaluate(model, task, settings, k, root, f"{k}-shot"))
                 log(_progress(cells[-1]))
             cells.append(finetune(model, task, settings, root / "finetune"))
