@@ -76,11 +76,30 @@ def confidence_intervals(
             sacrebleu_seed, scores = _bootstrap_resample(stats, scorer, n_resamples)
             intervals[name] = _percentile_interval(np.array([s.score for s in scores]))
             method[name] = f"sacrebleu-bootstrap|n:{n_resamples}|seed:{sacrebleu_seed}|percentile-95"
-    idx = _item_bootstrap_indices(len(predictions), n_resamples, seed)
     for name, values in item_scores(metric, predictions, references, lang).items():
-        intervals[name] = _percentile_interval(np.asarray(values)[idx].mean(axis=1))
+        intervals[name] = mean_interval(values, n_resamples, seed)
         method[name] = f"item-bootstrap|n:{n_resamples}|seed:{seed}|percentile-95"
     return {"intervals": intervals, "method": method}
+
+
+def mean_interval(values: list[float], n_resamples: int = N_BOOTSTRAP, seed: int = DEFAULT_SEED) -> list[float]:
+    """95% percentile-bootstrap interval of the mean of per-item ``values``."""
+    idx = _item_bootstrap_indices(len(values), n_resamples, seed)
+    return _percentile_interval(np.asarray(values, dtype=np.float64)[idx].mean(axis=1))
+
+
+def paired_bootstrap(baseline: list[float], system: list[float], seed: int = DEFAULT_SEED) -> dict[str, Any]:
+    """Paired bootstrap of the difference of two per-item means on the same items (module doc):
+    ``{baseline, system, delta, p_value, significant, test}``."""
+    va, vb = np.asarray(baseline, dtype=np.float64), np.asarray(system, dtype=np.float64)
+    idx = _item_bootstrap_indices(len(vb), N_BOOTSTRAP, seed)
+    observed = vb.mean() - va.mean()
+    resampled = np.abs(vb[idx].mean(axis=1) - va[idx].mean(axis=1))  # (R,)
+    # sacreBLEU / Moses: centre the resampled |differences| (the null), count those at or above
+    # |observed| (">=", as in the AR test: identical systems get p = 1, not 1 / (R + 1)).
+    null = resampled - resampled.mean()
+    p_value = (np.sum(null >= abs(observed) - _TIE_TOLERANCE * max(abs(observed), 1.0)) + 1) / (len(null) + 1)
+    return _row(va.mean(), vb.mean(), float(p_value), f"paired-bootstrap|n:{N_BOOTSTRAP}|seed:{seed}")
 
 
 def paired_test(
@@ -101,16 +120,8 @@ def paired_test(
         out.update(_paired_randomisation(baseline, system, references, lang, seed))
     a = item_scores(metric, baseline, references, lang)
     b = item_scores(metric, system, references, lang)
-    idx = _item_bootstrap_indices(len(system), N_BOOTSTRAP, seed)
     for name in a:
-        va, vb = np.asarray(a[name]), np.asarray(b[name])
-        observed = vb.mean() - va.mean()
-        resampled = np.abs(vb[idx].mean(axis=1) - va[idx].mean(axis=1))  # (R,)
-        # sacreBLEU / Moses: centre the resampled |differences| (the null), count those at or above
-        # |observed| (">=", as in the AR test: identical systems get p = 1, not 1 / (R + 1)).
-        null = resampled - resampled.mean()
-        p_value = (np.sum(null >= abs(observed) - _TIE_TOLERANCE * max(abs(observed), 1.0)) + 1) / (len(null) + 1)
-        out[name] = _row(va.mean(), vb.mean(), float(p_value), f"paired-bootstrap|n:{N_BOOTSTRAP}|seed:{seed}")
+        out[name] = paired_bootstrap(a[name], b[name], seed)
     return out
 
 

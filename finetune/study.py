@@ -139,6 +139,44 @@ def run_pretraining_and_shots(cfg: StudyConfig, out: Path) -> list[Row]:
     return run_suite(models, out / "suite", settings, tasks=tuple(suite_task(t) for t in cfg.tasks))
 
 
+def shots_likelihood(cfg: StudyConfig, rows: list[Row], out: Path) -> list[dict[str, Any]]:
+    """Section 5's graded signal: per decoder and task with several k, the NLL of the reference answer
+    after each k-shot prompt (`finetune.completion_likelihood`), on the items where every k fits,
+    with 95% intervals and a paired bootstrap against k = 0."""
+    from finetune.completion_likelihood import completion_nll, read_predictions
+    from finetune.pretrained import load_pretrained
+    from finetune.significance import mean_interval, paired_bootstrap
+    from finetune.tasks import load_task
+
+    table = []
+    for (model, task), cells in _k_rows(rows).items():
+        loaded = load_pretrained(cfg.models[model].init)
+        if loaded.kind != "decoder":
+            continue
+        delimiter = load_task(task).template("decoder").target_delimiter
+        nll = {}
+        for r in cells:
+            records = read_predictions(out / "suite" / model / task / "eval" / f"{task}-test-{r.setting.split('-')[0]}shot")
+            nll[r.setting] = completion_nll(loaded.model, loaded.tokenizer, delimiter, records, r.extra["max_length"])
+        keep = [i for i in range(len(cells[0].ids)) if all(v[i] is not None for v in nll.values())]
+        base = [nll[cells[0].setting][i] for i in keep]
+        for r in cells:
+            values = [nll[r.setting][i] for i in keep]
+            table.append({"model": model, "task": task, "setting": r.setting, "n": len(keep), "n_total": r.n_total,
+                          "nll": sum(values) / len(values), "ci95": mean_interval(values),
+                          "vs_0_shot": None if r is cells[0] else paired_bootstrap(base, values)})
+    return table
+
+
+def _k_rows(rows: list[Row]) -> dict[tuple[str, str], list[Row]]:
+    """(model, task) -> its k-shot rows in k order, where there are several."""
+    cells: dict[tuple[str, str], list[Row]] = {}
+    for r in rows:
+        if r.setting.endswith("-shot"):
+            cells.setdefault((r.model, r.task), []).append(r)
+    return {k: v for k, v in cells.items() if len(v) > 1}
+
+
 # ---- sections 1-2: the comparisons ----------------------------------------------------------------
 def run_comparisons(cfg: StudyConfig, out: Path) -> list[dict[str, Any]]:
     from finetune.compare import main as compare_main
@@ -161,11 +199,7 @@ def _plotted_metric(row: Row) -> str:
 
 def plot_shots(rows: list[Row], path: Path) -> Path | None:
     """Primary score against k (demonstrations), 95% intervals, one line per (model, task)."""
-    lines: dict[tuple[str, str], list[Row]] = {}
-    for r in rows:
-        if r.setting.endswith("-shot"):
-            lines.setdefault((r.model, r.task), []).append(r)
-    lines = {k: v for k, v in lines.items() if len(v) > 1}
+    lines = _k_rows(rows)
     if not lines:
         return None
     import matplotlib
@@ -250,10 +284,7 @@ def _compare_section(c: dict[str, Any], out: Path) -> list[str]:
 def render(cfg: StudyConfig, rows: list[Row], comparisons: list[dict[str, Any]], report: dict[str, Any],
            out: Path) -> str:
     peer = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "joeynmt_peer.md"
-    k_settings: dict[tuple[str, str], int] = {}
-    for r in rows:
-        k_settings[r.model, r.task] = k_settings.get((r.model, r.task), 0) + r.setting.endswith("-shot")
-    shot_rows = [r for r in rows if r.setting.endswith("-shot") and k_settings[r.model, r.task] > 1]
+    shot_rows = [r for cells in _k_rows(rows).values() for r in cells]
     lines = ["# The study: RNN -> attention -> transformer -> pretraining -> zero/few-shot", "",
              "```", report["command"], "```", "",
              f"- Machine: {report['machine']}", f"- Date {report['date']}; wall time {report['wall_s'] / 60:.1f} min "
@@ -276,6 +307,17 @@ def render(cfg: StudyConfig, rows: list[Row], comparisons: list[dict[str, Any]],
     lines += ["## 5. Few-shot vs zero-shot", "", headline_table(shot_rows) if shot_rows else "(no k-shot rows)"]
     if (out / "shots.png").is_file():
         lines += ["![score against k](shots.png)", ""]
+    if report.get("likelihood"):
+        lines += ["Log-likelihood of the reference answer after each k-shot prompt (nats per token, lower is "
+                  "better; the items where every k fits the context; `finetune/completion_likelihood.py`), "
+                  "95% intervals, paired bootstrap against 0-shot:", "",
+                  "| model | task | setting | n of N | NLL [95% CI] | difference vs 0-shot | p |", "|---|---|---|---|---|---|---|"]
+        for t in report["likelihood"]:
+            vs = t["vs_0_shot"]
+            lines.append(f"| {t['model']} | {t['task']} | {t['setting']} | {t['n']} of {t['n_total']} | "
+                         f"{format_interval(t['nll'], t['ci95'], 3)} | "
+                         + (f"{vs['delta']:+.3f} | {vs['p_value']:.4f}{' *' if vs['significant'] else ''} |" if vs else "– | – |"))
+        lines.append("")
     lines += ["## Paired tests", "", paired_table(rows), "## Every run", "",
               *(f"- {r.model} {r.task} {r.setting}: n={r.n} of {r.n_total}, shots used {r.shots_used_mean:.2f}, "
                 f"truncated {r.n_truncated}, empty {r.n_empty}, {r.wall_s:.0f} s" for r in rows), ""]
@@ -290,10 +332,12 @@ def study(cfg: StudyConfig, command: str) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     rows = run_pretraining_and_shots(cfg, out) if cfg.models else []
+    likelihood = shots_likelihood(cfg, rows, out)
     suite_s = time.time() - started
     comparisons = run_comparisons(cfg, out)
     report = {"command": command, "date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine_line(),
-              "wall_s": time.time() - started, "suite_s": suite_s, "compare_s": time.time() - started - suite_s}
+              "wall_s": time.time() - started, "suite_s": suite_s, "compare_s": time.time() - started - suite_s,
+              "likelihood": likelihood}
     plot_shots(rows, out / "shots.png")
     plot_pretraining(rows, out / "pretraining.png")
     (out / "study.md").write_text(render(cfg, rows, comparisons, report, out), encoding="utf-8")

@@ -74,6 +74,12 @@ quick:
                     "## 5. Few-shot vs zero-shot", "## Paired tests"):
         assert heading in report, heading
     assert "![score against k](shots.png)" in report and "fine-tuned, random init vs fine-tuned" in report
+    # The graded few-shot signal: the decoder's NLL of the reference after each k-shot prompt, paired with k = 0.
+    likelihood = summary["likelihood"]
+    assert [(t["model"], t["setting"]) for t in likelihood] == [("gpt", "0-shot"), ("gpt", "3-shot")]
+    assert all(t["n"] > 0 and t["ci95"][0] <= t["nll"] <= t["ci95"][1] for t in likelihood)
+    assert likelihood[0]["vs_0_shot"] is None and 0 < likelihood[1]["vs_0_shot"]["p_value"] <= 1
+    assert "Log-likelihood of the reference answer" in report
     assert json.loads((out / "study.json").read_text())["rows"] == json.loads(json.dumps(summary["rows"], default=str))
     assert list((out / "wandb").glob("offline-run-*")), "the study's W&B run (offline here)"
 
