@@ -371,6 +371,8 @@ def main(argv: list[str] | None = None) -> None:
                                                            "(default: the YAML's with its budget, else budget / 6)")
     p.add_argument("--max-test-examples", type=int, help="smoke runs only: a seeded subset of the test split")
     p.add_argument("--work-dir", type=Path, default=REPO / "runs" / "joeynmt_peer", help="data, tokenizer, runs")
+    p.add_argument("--warmup-steps", type=int, help="LR warmup (default: our compare YAML's; give the study's "
+                                                    "compare_overrides value when comparing with a study run)")
     p.add_argument("--ours", type=Path, help="our comparison.json or its directory (default: the YAML's out_dir)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "joeynmt_peer.md")
     args = p.parse_args(argv)
@@ -385,6 +387,8 @@ def main(argv: list[str] | None = None) -> None:
     from finetune.tasks import load_task
 
     started, ours_cfg = time.time(), yaml.safe_load((REPO / COMPARE[args.task]).read_text())
+    if args.warmup_steps is not None:
+        ours_cfg["warmup_steps"] = args.warmup_steps
     yaml_budget = float(ours_cfg.get("budget_minutes", 6))
     args.budget_minutes = args.budget_minutes or yaml_budget
     if args.val_every_minutes is None:
