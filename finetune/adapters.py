@@ -124,8 +124,9 @@ def resolve_targets(model: nn.Module, options: PeftOptions, key: str = "model.pe
         wanted = list(options.target_modules)
         unmatched = [t for t in wanted if not any(_matches(name, t) for name in linear)]
         if unmatched:
-            raise ValueError(f"{key}.target_modules: {', '.join(unmatched)} match no linear layer of this {family} "
-                             f"model (the LM head is never adapted); its linear layers are named: {', '.join(leaves)}")
+            raise ValueError(f"{key}.target_modules: no linear layer of this {family} model is named "
+                             f"{', '.join(unmatched)} (the LM head is never adapted); its linear layers are named: "
+                             f"{', '.join(leaves)}")
     head_name = next((name for name, m in model.named_modules() if m is head), None)
     targets: list[str] = []
     for target in wanted:  # a name the head's path also ends with would adapt the head: spell those out in full
@@ -148,7 +149,7 @@ def add_adapter(model: nn.Module, options: PeftOptions, base: str) -> nn.Module:
     is_conv1d = any(isinstance(m, Conv1D) for name, m in model.named_modules()
                     if any(_matches(name, t) for t in targets))
     config = LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout, target_modules=targets,
-                        fan_in_fan_out=is_conv1d, bias="none", base_model_name_or_path=base,
+                        fan_in_fan_out=is_conv1d, bias="none",
                         task_type=TaskType.CAUSAL_LM if model_kind(model.config) == "decoder" else TaskType.SEQ_2_SEQ_LM)
     adapted = get_peft_model(model, config)
     adapted.peft_config["default"].base_model_name_or_path = base  # peft overwrites it with the model's name_or_path
