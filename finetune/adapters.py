@@ -206,6 +206,16 @@ def adapter_state_keys(model: nn.Module, prefix: str = "") -> set[str]:
     return {prefix + name for name, p in model.named_parameters() if p.requires_grad}
 
 
+def drop_base_weights(system: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """``state_dict`` post-hook of a Lightning system whose ``model`` is adapted: only the adapter
+    weights stay (the base comes from model.init again). Every checkpoint goes through the system's
+    ``state_dict``: Lightning's files, and DeepSpeed's engine, whose own ``exclude_frozen_parameters``
+    keeps the second name of a tied weight (GPT-2's ``lm_head.weight``: the whole embedding)."""
+    keep = adapter_state_keys(system.model, prefix=prefix + "model.")
+    for key in [k for k in state_dict if k.startswith(prefix + "model.") and k not in keep]:
+        del state_dict[key]
+
+
 def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load exactly the adapter weights ``state`` into ``model`` (the base is already in place)."""
     expected = adapter_state_keys(model)

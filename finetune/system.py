@@ -23,12 +23,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from common.archs import GPT2Arch
-from common.checkpoints import ADAPTER_KEY, CHECKPOINT_KEY, CheckpointError
+from common.checkpoints import ADAPTER_KEY, CheckpointError
 from common.deepspeed_strategy import generation_needs_sync
 from common.model_context import record_trained_context
 from common.system import LMSystem
 from finetune.adapters import (PeftOptions, add_adapter, adapter_metadata, adapter_options,
-                               adapter_state_keys, base_fingerprint, check_base, is_adapted, peft_options)
+                               base_fingerprint, check_base, drop_base_weights, is_adapted, peft_options)
 from finetune.metrics import compute_metrics
 from finetune.pretrained import ScratchArch, build_scratch_model, load_pretrained, scratch_arch, scratch_tokenizer
 from finetune.prompts import strip_completion
@@ -125,9 +125,11 @@ class FinetuneSystem(LMSystem):
                 self.model = add_adapter(self.model, peft, loaded.reference)
         else:
             self.kind = "decoder" if isinstance(self.scratch, GPT2Arch) else "encoder_decoder"
-        # An adapter run's checkpoints hold only the adapter (on_save_checkpoint); the base comes from
-        # model.init again, so loading is not strict (on_load_checkpoint checks the keys itself).
+        # An adapter run's checkpoints hold only the adapter; the base comes from model.init again, so
+        # loading is not strict (on_load_checkpoint checks the keys itself).
         self.strict_loading = not self.adapted
+        if self.adapted:
+            self.register_state_dict_post_hook(drop_base_weights)
         self._base_fingerprint: str | None = None
         self._predictions: list[tuple[int, str, list[str]]] = []
         self.last_results: dict[str, Any] = {}
@@ -158,35 +160,27 @@ class FinetuneSystem(LMSystem):
     def setup(self, stage: str) -> None:
         strategy = self.trainer.strategy
         if self.adapted and hasattr(strategy, "exclude_frozen_parameters"):
-            strategy.exclude_frozen_parameters = True  # DeepSpeed writes the module's weights itself
+            strategy.exclude_frozen_parameters = True  # else DeepSpeed saves the frozen weights' fragments too
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        if self.adapted:
-            if "state_dict" in checkpoint:  # (under DeepSpeed the engine writes the weights)
-                keep = adapter_state_keys(self.model, prefix="model.")
-                checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-            checkpoint[CHECKPOINT_KEY][ADAPTER_KEY] = adapter_metadata(self.model, self.base_fingerprint)
+    def extra_metadata(self) -> dict:
+        # The weights are the adapter's only (drop_base_weights): say what rebuilds the rest.
+        return {ADAPTER_KEY: adapter_metadata(self.model, self.base_fingerprint)} if self.adapted else {}
 
     def checkpoint_loaded(self, meta: dict) -> None:
+        """An adapter checkpoint resumes only an adapter run with the same adapter shapes, on the same
+        base weights (the loading is not strict, so this is where a mismatch is caught)."""
         adapter = meta.get(ADAPTER_KEY)
         if self.adapted != (adapter is not None):
             raise CheckpointError("the checkpoint holds " + ("a LoRA adapter without its base weights, but this run "
                                   "fine-tunes every weight: resume with the run's model.peft" if adapter else
                                   "every weight, but this run trains an adapter (model.peft): resume without it"))
         if adapter is not None:
-            if adapter["target_modules"] != adapter_options(self.model).target_modules:
-                raise CheckpointError(f"the checkpoint's adapter is on {adapter['target_modules']}, this run's on "
-                                      f"{adapter_options(self.model).target_modules}: resume with the run's model.peft")
+            ours = asdict(adapter_options(self.model))
+            for name in ("r", "alpha", "target_modules"):
+                if adapter[name] != ours[name]:
+                    raise CheckpointError(f"the checkpoint's adapter has {name}={adapter[name]}, this run's "
+                                          f"model.peft gives {ours[name]}: resume with the run's model.peft")
             check_base(self.model, adapter, "checkpoint")
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        if self.adapted and "state_dict" in checkpoint:  # not strict: the keys are checked here
-            expected = adapter_state_keys(self.model, prefix="model.")
-            if checkpoint["state_dict"].keys() != expected:
-                raise CheckpointError("the checkpoint's adapter weights do not match this run's adapter "
-                                      f"({len(checkpoint['state_dict'])} tensors, expected {len(expected)})")
 
     # ---- training -----------------------------------------------------------------------------
     def trained_context(self, length: int) -> None:
