@@ -217,6 +217,25 @@ def test_evaluate_reads_an_exported_adapter_directory(runs: Runs, family: str, t
     assert from_dir.results["predictions"] == from_ckpt.results["predictions"]
 
 
+def test_lora_on_our_rnn_adapts_its_linear_layers_and_keeps_the_cells_frozen(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our RNNs are no known family: `auto` adapts every linear layer but the output layer; peft has
+    no LoRA for GRU/LSTM cells, so those stay frozen like the rest of the base."""
+    monkeypatch.setenv("LMTRAIN_DATA_ROOT", str(FIXTURES))
+    model_dir = save_tiny_model("rnn", tmp_path / "rnn")
+    fit = _fit(model_dir, tmp_path / "run", "--model.peft", LORA)
+    assert fit.trainer.global_step == 4
+    model = fit.model.model
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n.split(".lora_")[0].rpartition(".")[2] for n in trainable} == {
+        "bridge_hidden", "bridge_outputs", "key_layer", "query_layer", "energy_layer", "pre_output"}
+    base = AutoModelForSeq2SeqLM.from_pretrained(model_dir).state_dict()
+    tuned = model.get_base_model().state_dict()
+    cells = [k for k in base if ".rnn." in k]  # encoder.rnn.weight_ih_l0, ...
+    assert cells and all(torch.equal(tuned[k], base[k]) for k in cells)  # the GRU cells did not move
+    assert all(tuned[k].abs().sum() > 0 for k in tuned if ".lora_B." in k)
+
+
 # ---- targets --------------------------------------------------------------------------------------
 def _model(model_type: str, **options):
     from transformers import AutoModelForSeq2SeqLM as Seq2Seq
