@@ -10,7 +10,9 @@
 * a hub name (``gpt2``, ``t5-small``, ``facebook/bart-base``, ``Helsinki-NLP/opus-mt-en-fr``).
 
 A fine-tuning checkpoint of a LoRA run holds only the adapter: it is rebuilt on its base, whose
-weights must be those it was trained on. Remote code is never trusted (``trust_remote_code=False``), nor pickles: Hugging Face weights are
+weights must be those it was trained on.
+
+Remote code is never trusted (``trust_remote_code=False``), nor pickles: Hugging Face weights are
 read from safetensors only (``use_safetensors=True``); a folder holding only ``pytorch_model.bin``
 is refused with the one-off conversion (:func:`check_safetensors`). The model's kind — ``decoder`` (causal
 LM) or ``encoder_decoder`` (seq2seq) — comes from its config and selects the task's template.

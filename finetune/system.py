@@ -65,7 +65,7 @@ class FinetuneSystem(LMSystem):
         peft: With ``init``: freeze the model and train LoRA adapters instead, e.g. ``{method: lora,
             r: 16, alpha: 32, dropout: 0.05, target_modules: auto}`` (`finetune.adapters.PeftOptions`).
             Checkpoints then hold only the adapter weights; ``finetune export`` writes the adapter
-            (or, with ``--merge``, the merged model).
+            (or, with ``--merge true``, the merged model).
     """
 
     stage = "finetune"
@@ -120,13 +120,13 @@ class FinetuneSystem(LMSystem):
             if peft is not None:
                 if is_adapted(self.model):
                     raise ValueError(f"model.peft: model.init={init!r} already holds an adapter (fitting it without "
-                                     "model.peft continues that adapter); to add a new one, export it with --merge "
+                                     "model.peft continues that adapter); to add a new one, export it with --merge true "
                                      "and start from the merged model")
                 self.model = add_adapter(self.model, peft, loaded.reference)
         else:
             self.kind = "decoder" if isinstance(self.scratch, GPT2Arch) else "encoder_decoder"
         # An adapter run's checkpoints hold only the adapter; the base comes from model.init again, so
-        # loading is not strict (on_load_checkpoint checks the keys itself).
+        # loading is not strict (checkpoint_loaded checks the adapter's shape and the base's weights).
         self.strict_loading = not self.adapted
         if self.adapted:
             self.register_state_dict_post_hook(drop_base_weights)
