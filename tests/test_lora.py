@@ -217,6 +217,24 @@ def test_evaluate_reads_an_exported_adapter_directory(runs: Runs, family: str, t
     assert from_dir.results["predictions"] == from_ckpt.results["predictions"]
 
 
+def test_fit_from_an_exported_adapter_continues_it(runs: Runs, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """--model.init <adapter dir> without model.peft trains that adapter on (its base still frozen), and
+    the new run's checkpoints name the original base; adding a second adapter is refused."""
+    monkeypatch.setenv("LMTRAIN_DATA_ROOT", str(FIXTURES))
+    export_main([str(runs.run_dir("gpt2") / "checkpoints" / "last.ckpt"), str(tmp_path / "adapter")])
+    start = runs.fit("gpt2").model.model.state_dict()
+    fit = _fit(tmp_path / "adapter", tmp_path / "run", "--trainer.max_steps", "2")
+    trained = fit.model.model.state_dict()
+    moved = {k for k in start if not torch.equal(start[k], trained[k])}
+    assert moved and all(".lora_" in k for k in moved)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["lmtrain"]["adapter"]["base"] == str(runs.models["gpt2"].resolve())
+    assert all(".lora_" in k for k in state["state_dict"])
+    with pytest.raises(ValueError, match="already holds an adapter"):
+        _fit(tmp_path / "adapter", tmp_path / "run2", "--model.peft", LORA)
+
+
 def test_lora_on_our_rnn_adapts_its_linear_layers_and_keeps_the_cells_frozen(tmp_path: Path,
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Our RNNs are no known family: `auto` adapts every linear layer but the output layer; peft has
