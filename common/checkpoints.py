@@ -23,6 +23,9 @@ and without DeepSpeed's unpickler.
 Every checkpoint carries an ``lmtrain`` metadata block (`checkpoint_metadata`): the ``stage``
 that wrote it (pretrain | finetune), the model's ``kind`` (decoder | encoder_decoder) and ``family`` (its HF model_type: gpt2, t5, rnn_seq2seq,
 marian, ...), its HF config and its tokenizer files, so it exports and fine-tunes on its own.
+A LoRA fine-tuning run's checkpoints hold only the adapter weights and add an ``adapter`` block
+(`finetune.adapters.adapter_metadata`: the adapter's options, its base model and a fingerprint of
+the base weights); they need their base to export or resume.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from common.user_errors import DiskFullError
 # checkpoints but decoder/encoder_decoder in fine-tuning ones; 2: `kind` and `family` both, always).
 CHECKPOINT_KEY = "lmtrain"
 CHECKPOINT_FORMAT = 2
+ADAPTER_KEY = "adapter"  # in the metadata block of an adapter (LoRA) run's checkpoints
 ModelKind = Literal["decoder", "encoder_decoder"]
 Stage = Literal["pretrain", "finetune"]
 _KIND_OF_V1_FAMILY = {"gpt2": "decoder", "t5": "encoder_decoder", "decoder": "decoder",

@@ -9,7 +9,7 @@ pretraining and fine-tuning:
   cadence of secondary metrics;
 * checkpoint metadata (`common.checkpoints.checkpoint_metadata`: stage, kind, family, HF config,
   tokenizer) and, on resume, the check that the checkpoint holds the same model and tokenizer;
-* RNG state (Python, CPU and every CUDA device) saved and restored, for a bit-exact resume;
+* RNG state (Python, CPU and every CUDA device) of every rank saved and restored, for a bit-exact resume;
 * W&B continuity: the run id is saved in every checkpoint, and the CLI resumes that run.
 
 A stage's system adds only its model, loss and evaluation.
@@ -21,6 +21,7 @@ import random
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
@@ -84,12 +85,21 @@ class LMSystem(GradientClipping, LightningModule):
         return self._fingerprint
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[CHECKPOINT_KEY] = checkpoint_metadata(self.stage, self.model, tokenizer_to_files(self.tokenizer),
-                                                         self.tokenizer_fingerprint)
-        # Lightning does not save RNG state; dropout needs it for a bitwise-exact resume.
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        checkpoint[CHECKPOINT_KEY] = {**checkpoint_metadata(self.stage, self.model, tokenizer_to_files(self.tokenizer),
+                                                            self.tokenizer_fingerprint), **self.extra_metadata()}
+        # Lightning does not save RNG state; dropout needs it for a bitwise-exact resume. Every rank's:
+        # ranks whose batches differ in shape draw different amounts of random numbers and drift
+        # apart (measured: a 2-process LoRA run resumed with rank 0's state on both ranks ended with
+        # other weights). Rank 0's stays under "rng_states" for single-process readers.
+        states = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
-            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+            states["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint["rng_states"] = states
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Every rank dumps the checkpoint (Trainer.save_checkpoint ends in a barrier), rank 0 writes it.
+            per_rank: list = [None] * dist.get_world_size()
+            dist.all_gather_object(per_rank, states)
+            checkpoint["rng_states_per_rank"] = per_rank
         for logger in self.trainer.loggers if self._trainer is not None else []:
             if isinstance(logger, WandbLogger) and logger.version:
                 checkpoint[RUN_ID_KEY] = logger.version  # the CLI continues this W&B run on resume
@@ -104,7 +114,9 @@ class LMSystem(GradientClipping, LightningModule):
                 f"The checkpoint was trained with tokenizer {saved} but this run's tokenizer is {ours}: resume "
                 "with the same tokenizer (pretraining: the same prepared corpus, data.corpus.out_dir) or start a "
                 "new run.")
-        self._rng_to_restore = checkpoint.get("rng_states")
+        per_rank = checkpoint.get("rng_states_per_rank")
+        same_ranks = per_rank is not None and self._trainer is not None and len(per_rank) == self.trainer.world_size
+        self._rng_to_restore = per_rank[self.global_rank] if same_ranks else checkpoint.get("rng_states")
         self.checkpoint_loaded(meta)
 
     def model_kind(self) -> str | None:
@@ -115,6 +127,10 @@ class LMSystem(GradientClipping, LightningModule):
 
     def model_family(self) -> str | None:
         return self.model.config.model_type if self.model is not None else None
+
+    def extra_metadata(self) -> dict:
+        """Hook: what a stage adds to a checkpoint's metadata (plain data: checkpoints load weights-only)."""
+        return {}
 
     def checkpoint_loaded(self, meta: dict) -> None:
         """Hook: what a stage restores from a checkpoint's metadata."""

@@ -4,7 +4,8 @@
             e.g. --model.init runs/gpt-tiny --data.task tatoeba_en_fr --data.shots 5
   fit       fine-tune --model.init on --data.task, best checkpoint by the task metric
   validate  score a model (or --ckpt_path) on the task's validation split
-  export    write a Hugging Face model directory from a fine-tuning checkpoint
+  export    write a Hugging Face model directory from a fine-tuning checkpoint (LoRA runs: the adapter,
+            or with --merge true the merged model)
   compare   RNN baselines vs a transformer from scratch on one task (python -m finetune compare --help)
   study     the whole study: attention, transformer vs RNN, pretraining, few-shot (python -m finetune study --help)
   attention plot source x target attention of a seq2seq model for chosen examples (PNG)
@@ -26,7 +27,7 @@ def main() -> None:
         raise SystemExit(0 if command else 2)
     if command == "export":
         import finetune.rnn  # noqa: F401  (our RNN architecture registers with the Auto classes)
-        from common.export import main as export_main
+        from finetune.export import main as export_main
 
         report_user_errors(lambda: export_main(sys.argv[2:]))
     elif command == "compare":

@@ -5,7 +5,12 @@
 * an lmtrain pretraining checkpoint: a ``.ckpt`` file, a DeepSpeed ZeRO checkpoint directory, or
   a run directory (its ``checkpoints/last.ckpt``) — rebuilt exactly as ``export`` does;
 * a Hugging Face model directory (``config.json``), e.g. our own exports or a ``save_pretrained``;
+* a LoRA adapter directory (``adapter_config.json``, e.g. from ``finetune export``): its base model,
+  loaded by these same rules, with the adapter on top (`finetune.adapters`);
 * a hub name (``gpt2``, ``t5-small``, ``facebook/bart-base``, ``Helsinki-NLP/opus-mt-en-fr``).
+
+A fine-tuning checkpoint of a LoRA run holds only the adapter: it is rebuilt on its base, whose
+weights must be those it was trained on.
 
 Remote code is never trusted (``trust_remote_code=False``), nor pickles: Hugging Face weights are
 read from safetensors only (``use_safetensors=True``); a folder holding only ``pytorch_model.bin``
@@ -25,8 +30,11 @@ from typing import Any, Union
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
 
 from common.archs import GPT2Arch, MarianArch, T5Arch, build_gpt2, build_marian, build_t5
-from common.checkpoints import (ModelKind, is_lmtrain_checkpoint_path, load_any_checkpoint, model_kind,
-                                resolve_checkpoint)
+from common.checkpoints import (ADAPTER_KEY, CHECKPOINT_KEY, ModelKind, check_lmtrain_checkpoint,
+                                is_lmtrain_checkpoint_path, load_any_checkpoint, model_kind, resolve_checkpoint)
+from common.model_context import TRAINED_CONTEXT_KEY, record_trained_context
+from finetune.adapters import (add_adapter, adapter_dir_base, check_base, is_adapter_dir,
+                               load_adapter_dir, load_adapter_state, peft_options)
 from finetune.rnn.arch import RNNArch
 
 ScratchArch = Union[GPT2Arch, T5Arch, MarianArch, RNNArch]
@@ -39,18 +47,32 @@ class Pretrained:
     tokenizer: Any
     kind: ModelKind
     source: str  # what --model.init named, for logs and results
+    # Where the weights come from, for an adapter to name its base: an absolute path (the checkpoint
+    # file a run directory resolved to) or a hub name; for an adapted model, its base's.
+    reference: str = ""
 
 
 def load_pretrained(init: str, random_init: bool = False) -> Pretrained:
-    """Model + tokenizer from an lmtrain checkpoint, an HF directory or a hub name (see module doc);
-    ``random_init``: the same architecture and tokenizer with freshly drawn weights instead."""
+    """Model + tokenizer from an lmtrain checkpoint, an HF or adapter directory or a hub name (see
+    module doc); ``random_init``: the same architecture and tokenizer with freshly drawn weights instead."""
     path = Path(init).expanduser()
+    reference = str(path.resolve()) if path.exists() else init
+    if is_adapter_dir(path):
+        if random_init:
+            raise ValueError(f"model.random_init: model.init={init!r} is an adapter, whose point is its base's weights")
+        base = load_pretrained(adapter_dir_base(path, init))
+        model = load_adapter_dir(base.model, path, base.reference)
+        return Pretrained(model=model, tokenizer=base.tokenizer, kind=base.kind, source=init, reference=base.reference)
     if path.exists() and is_lmtrain_checkpoint_path(path):
         from common.export import model_from_checkpoint
         from common.tokenizer import tokenizer_from_files
 
         ckpt = resolve_checkpoint(path)
-        model, meta = model_from_checkpoint(load_any_checkpoint(ckpt), str(ckpt))
+        reference = str(ckpt.resolve())
+        checkpoint = load_any_checkpoint(ckpt)
+        if ADAPTER_KEY in checkpoint.get(CHECKPOINT_KEY, {}):
+            return _adapted_from_checkpoint(checkpoint, str(ckpt), init, random_init)
+        model, meta = model_from_checkpoint(checkpoint, str(ckpt))
         tokenizer = tokenizer_from_files(meta["tokenizer_files"])
     else:
         if path.exists() and not (path / "config.json").is_file():
@@ -75,7 +97,29 @@ def load_pretrained(init: str, random_init: bool = False) -> Pretrained:
         model = type(model)._from_config(model.config)
     prepare_tokenizer(tokenizer, model)
     freeze_fixed_position_tables(model)
-    return Pretrained(model=model, tokenizer=tokenizer, kind=model_kind(model.config), source=init)
+    return Pretrained(model=model, tokenizer=tokenizer, kind=model_kind(model.config), source=init, reference=reference)
+
+
+def _adapted_from_checkpoint(checkpoint: dict, source: str, init: str, random_init: bool) -> Pretrained:
+    """The base a LoRA run's checkpoint names, checked to be the same weights, with its adapter loaded."""
+    from common.tokenizer import tokenizer_from_files
+
+    if random_init:
+        raise ValueError(f"model.random_init: model.init={init!r} holds an adapter, whose point is its base's weights")
+    meta = check_lmtrain_checkpoint(checkpoint, source)
+    adapter = meta[ADAPTER_KEY]
+    base = load_pretrained(adapter["base"])
+    check_base(base.model, adapter, source)
+    options = peft_options({k: adapter[k] for k in ("method", "r", "alpha", "dropout", "target_modules")})
+    model = add_adapter(base.model, options, base.reference)
+    prefix = "model."
+    load_adapter_state(model, {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items()}, source)
+    trained = meta["hf_config"].get(TRAINED_CONTEXT_KEY)
+    if trained:  # fine-tuned past the base's context: the adapted model declares it, as a full checkpoint would
+        record_trained_context(model.config, trained)
+    tokenizer = tokenizer_from_files(meta["tokenizer_files"])
+    prepare_tokenizer(tokenizer, model)
+    return Pretrained(model=model, tokenizer=tokenizer, kind=meta["kind"], source=init, reference=base.reference)
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle")

@@ -14,6 +14,7 @@ is one call, `FinetuneDataModule.connect(tokenizer, kind, config)`, made by the 
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from common.archs import GPT2Arch
+from common.checkpoints import ADAPTER_KEY, CheckpointError
 from common.deepspeed_strategy import generation_needs_sync
 from common.model_context import record_trained_context
 from common.system import LMSystem
+from finetune.adapters import (PeftOptions, add_adapter, adapter_metadata, adapter_options,
+                               base_fingerprint, check_base, drop_base_weights, is_adapted, peft_options)
 from finetune.metrics import compute_metrics
 from finetune.pretrained import ScratchArch, build_scratch_model, load_pretrained, scratch_arch, scratch_tokenizer
 from finetune.prompts import strip_completion
@@ -58,6 +62,10 @@ class FinetuneSystem(LMSystem):
         label_smoothing: Training loss smoothed towards the uniform distribution by this much (0.1
             in the transformer NMT recipes: Vaswani et al. 2017, fairseq, JoeyNMT); 0 = plain
             cross-entropy. Reported losses and scores are unaffected.
+        peft: With ``init``: freeze the model and train LoRA adapters instead, e.g. ``{method: lora,
+            r: 16, alpha: 32, dropout: 0.05, target_modules: auto}`` (`finetune.adapters.PeftOptions`).
+            Checkpoints then hold only the adapter weights; ``finetune export`` writes the adapter
+            (or, with ``--merge true``, the merged model).
     """
 
     stage = "finetune"
@@ -77,6 +85,7 @@ class FinetuneSystem(LMSystem):
         length_penalty: float = 1.0,
         max_new_tokens: int = 64,
         label_smoothing: float = 0.0,
+        peft: PeftOptions | None = None,
     ) -> None:
         super().__init__()
         if num_beams < 1:
@@ -89,6 +98,13 @@ class FinetuneSystem(LMSystem):
         if random_init and init is None:
             raise ValueError("model.random_init needs model.init (the model whose architecture and tokenizer "
                              "to keep); with model.scratch every weight is random already")
+        if peft is not None and init is None:
+            raise ValueError("model.peft needs model.init: adapters train on top of pretrained weights, which a "
+                             "model trained from scratch (model.scratch) does not have")
+        if peft is not None and random_init:
+            raise ValueError("model.peft with model.random_init would train adapters on frozen random weights; "
+                             "drop one of them")
+        peft = peft_options(peft) if peft is not None else None
         self.scratch: ScratchArch | None = scratch_arch(scratch) if scratch is not None else None
         # Primitives only, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters({"init": init, "random_init": random_init, "scratch": self.scratch.to_dict() if self.scratch else None,
@@ -96,13 +112,25 @@ class FinetuneSystem(LMSystem):
                                    "min_lr_ratio": min_lr_ratio, "warmup_steps": warmup_steps,
                                    "weight_decay": weight_decay, "num_beams": num_beams,
                                    "length_penalty": length_penalty, "max_new_tokens": max_new_tokens,
-                                   "label_smoothing": label_smoothing})
+                                   "label_smoothing": label_smoothing, "peft": asdict(peft) if peft else None})
         if init is not None:
             loaded = load_pretrained(init, random_init=random_init)
             self.model, self.tokenizer = loaded.model, loaded.tokenizer
             self.kind = loaded.kind
+            if peft is not None:
+                if is_adapted(self.model):
+                    raise ValueError(f"model.peft: model.init={init!r} already holds an adapter (fitting it without "
+                                     "model.peft continues that adapter); to add a new one, export it with --merge true "
+                                     "and start from the merged model")
+                self.model = add_adapter(self.model, peft, loaded.reference)
         else:
             self.kind = "decoder" if isinstance(self.scratch, GPT2Arch) else "encoder_decoder"
+        # An adapter run's checkpoints hold only the adapter; the base comes from model.init again, so
+        # loading is not strict (checkpoint_loaded checks the adapter's shape and the base's weights).
+        self.strict_loading = not self.adapted
+        if self.adapted:
+            self.register_state_dict_post_hook(drop_base_weights)
+        self._base_fingerprint: str | None = None
         self._predictions: list[tuple[int, str, list[str]]] = []
         self.last_results: dict[str, Any] = {}
 
@@ -117,6 +145,42 @@ class FinetuneSystem(LMSystem):
 
     def model_kind(self) -> str | None:
         return self.kind
+
+    # ---- adapters -----------------------------------------------------------------------------
+    @property
+    def adapted(self) -> bool:
+        return self.model is not None and is_adapted(self.model)
+
+    @property
+    def base_fingerprint(self) -> str:
+        if self._base_fingerprint is None:  # hashed once: the base is frozen
+            self._base_fingerprint = base_fingerprint(self.model)
+        return self._base_fingerprint
+
+    def setup(self, stage: str) -> None:
+        strategy = self.trainer.strategy
+        if self.adapted and hasattr(strategy, "exclude_frozen_parameters"):
+            strategy.exclude_frozen_parameters = True  # else DeepSpeed saves the frozen weights' fragments too
+
+    def extra_metadata(self) -> dict:
+        # The weights are the adapter's only (drop_base_weights): say what rebuilds the rest.
+        return {ADAPTER_KEY: adapter_metadata(self.model, self.base_fingerprint)} if self.adapted else {}
+
+    def checkpoint_loaded(self, meta: dict) -> None:
+        """An adapter checkpoint resumes only an adapter run with the same adapter shapes, on the same
+        base weights (the loading is not strict, so this is where a mismatch is caught)."""
+        adapter = meta.get(ADAPTER_KEY)
+        if self.adapted != (adapter is not None):
+            raise CheckpointError("the checkpoint holds " + ("a LoRA adapter without its base weights, but this run "
+                                  "fine-tunes every weight: resume with the run's model.peft" if adapter else
+                                  "every weight, but this run trains an adapter (model.peft): resume without it"))
+        if adapter is not None:
+            ours = asdict(adapter_options(self.model))
+            for name in ("r", "alpha", "target_modules"):
+                if adapter[name] != ours[name]:
+                    raise CheckpointError(f"the checkpoint's adapter has {name}={adapter[name]}, this run's "
+                                          f"model.peft gives {ours[name]}: resume with the run's model.peft")
+            check_base(self.model, adapter, "checkpoint")
 
     # ---- training -----------------------------------------------------------------------------
     def trained_context(self, length: int) -> None:

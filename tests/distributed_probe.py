@@ -34,7 +34,8 @@ class Probe(Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
-        self.val_losses.append(float(trainer.callback_metrics["val/loss"]))
+        if "val/loss" in trainer.callback_metrics:  # pretraining; fine-tuning validates by a task score
+            self.val_losses.append(float(trainer.callback_metrics["val/loss"]))
         for cb in trainer.callbacks:
             if isinstance(cb, GenerationSamples) and cb.last_samples:
                 self.samples.append(list(cb.last_samples))

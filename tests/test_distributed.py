@@ -41,18 +41,18 @@ PRESETS = REPO / "configs" / "trainer"
 pytestmark = pytest.mark.integration  # 2-process launches of the CLI
 
 
-def _fit(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`python -m pretrain fit ...` in its own session, killed as a group if it hangs."""
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+def _fit(*args: str, timeout: int = 300, stage: str = "pretrain", **env_vars: str) -> subprocess.CompletedProcess:
+    """`python -m <stage> fit ...` in its own session, killed as a group if it hangs."""
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env_vars}
     env.pop("WANDB_SERVICE", None)  # see tests/test_resume.py
-    proc = subprocess.Popen([sys.executable, "-m", "pretrain", "fit", *args], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", stage, "fit", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        pytest.fail(f"pretrain fit {' '.join(args)} hung for {timeout} s:\n{err[-3000:]}")
+        pytest.fail(f"{stage} fit {' '.join(args)} hung for {timeout} s:\n{err[-3000:]}")
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # no orphaned rank survives the test

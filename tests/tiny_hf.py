@@ -29,7 +29,7 @@ def tiny_tokenizer(directory: Path, vocab_size: int = 400) -> PreTrainedTokenize
 
 
 def save_tiny_model(kind: str, directory: Path) -> Path:
-    """``kind`` in gpt2 | t5 | bart | marian: a 2-layer width-32 random model + tokenizer in ``directory``."""
+    """``kind`` in gpt2 | t5 | bart | marian | rnn: a small (width-32) random model + tokenizer in ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     tok = tiny_tokenizer(directory)
     ids = {"pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id}
@@ -49,6 +49,11 @@ def save_tiny_model(kind: str, directory: Path) -> Path:
             vocab_size=v, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
             decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=256,
             decoder_start_token_id=tok.pad_token_id, **ids))
+    elif kind == "rnn":  # our GRU seq2seq with Bahdanau attention (finetune/rnn), as a fine-tuned one is saved
+        from finetune.rnn import RNNSeq2SeqConfig, RNNSeq2SeqForConditionalGeneration
+
+        model = RNNSeq2SeqForConditionalGeneration(RNNSeq2SeqConfig(vocab_size=v, embedding_dim=32, hidden_size=32,
+                                                                    decoder_start_token_id=tok.pad_token_id, **ids))
     else:
         raise ValueError(f"unknown tiny model kind {kind!r}")
     model.generation_config.max_length = None

@@ -123,7 +123,11 @@ class RNNSeq2SeqForConditionalGeneration(RNNSeq2SeqPreTrainedModel, GenerationMi
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,  # accepted for generate; nothing extra is returned
         return_dict: bool | None = None,
+        inputs_embeds: torch.Tensor | None = None,  # accepted because peft's LoRA wrapper passes them (None)
+        decoder_inputs_embeds: torch.Tensor | None = None,
     ) -> Seq2SeqLMOutput | tuple:
+        if inputs_embeds is not None or decoder_inputs_embeds is not None:
+            raise ValueError("rnn_seq2seq takes token ids, not embeddings (inputs_embeds)")
         use_cache = self.config.use_cache if use_cache is None else use_cache
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         return_dict = self.config.return_dict if return_dict is None else return_dict
