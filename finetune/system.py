@@ -157,6 +157,12 @@ class FinetuneSystem(LMSystem):
             self._base_fingerprint = base_fingerprint(self.model)
         return self._base_fingerprint
 
+    def on_fit_start(self) -> None:
+        # from_pretrained returns a model in eval mode, and Lightning (2.2+) keeps each module's mode:
+        # without this, a released checkpoint (GPT-2: dropout 0.1) would fine-tune with dropout off,
+        # unlike the same architecture built fresh (--model.scratch, --model.random_init).
+        self.model.train()
+
     def setup(self, stage: str) -> None:
         strategy = self.trainer.strategy
         if self.adapted and hasattr(strategy, "exclude_frozen_parameters"):

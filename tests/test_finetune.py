@@ -332,3 +332,21 @@ def test_random_init_without_init_is_refused() -> None:
 
     with pytest.raises(ValueError, match="model.random_init needs model.init"):
         FinetuneSystem(scratch={"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 8}, random_init=True)
+
+
+def test_a_released_checkpoint_fine_tunes_in_train_mode(tiny: dict[str, Path], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """from_pretrained returns an eval-mode model and Lightning keeps module modes: dropout must be on
+    in every training step (after validations too), as for a model built fresh."""
+    from tests.tiny_run import TrainModeRecorder
+
+    monkeypatch.setenv("LMTRAIN_DATA_ROOT", str(Path(__file__).parent / "fixtures" / "tasks"))
+    recorder = tmp_path / "rec.yaml"
+    recorder.write_text("trainer:\n  callbacks:\n    - class_path: tests.tiny_run.TrainModeRecorder\n")
+    fit = finetune_cli(["fit", "--model.init", str(tiny["gpt2"]), "--data.task",
+                        str(Path(__file__).parent / "fixtures" / "tasks" / "capitals.yaml"), "--data.val_split", "test",
+                        "--data.batch_size", "2", "--data.max_val_examples", "2", "--model.max_new_tokens", "2",
+                        "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--config", str(recorder),
+                        "--trainer.default_root_dir", str(tmp_path / "run"), *QUIET])
+    steps = next(cb for cb in fit.trainer.callbacks if type(cb).__name__ == "TrainModeRecorder").eval_modules
+    assert len(steps) == 4 and all(names == [] for names in steps), steps

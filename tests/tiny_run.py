@@ -116,3 +116,13 @@ class LossRecorder(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.losses.append(float(outputs["loss"]))
+
+
+class TrainModeRecorder(Callback):
+    """Records, at every training step, the names of the model's modules that are in eval mode."""
+
+    def __init__(self) -> None:
+        self.eval_modules: list[list[str]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.eval_modules.append([n for n, m in pl_module.model.named_modules() if not m.training])
