@@ -197,8 +197,9 @@ def _plotted_metric(row: Row) -> str:
     return next((k for k in ("chrf", "rougeL", "f1") if k in row.metrics), row.metric)
 
 
-def plot_shots(rows: list[Row], path: Path) -> Path | None:
-    """Primary score against k (demonstrations), 95% intervals, one line per (model, task)."""
+def plot_shots(rows: list[Row], path: Path, likelihood: list[dict[str, Any]] | None = None) -> Path | None:
+    """Against k (demonstrations), per task: the greedy answers' score (top) and, when measured, the
+    reference answer's NLL after the prompt (bottom), 95% intervals, one line per model."""
     lines = _k_rows(rows)
     if not lines:
         return None
@@ -207,21 +208,30 @@ def plot_shots(rows: list[Row], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len({t for _, t in lines}), figsize=(5 * len({t for _, t in lines}), 3.6), squeeze=False)
     tasks = sorted({t for _, t in lines})
-    for (model, task), cells in lines.items():
-        ax = axes[0][tasks.index(task)]
-        ks = [int(r.setting.split("-")[0]) for r in cells]
-        for key in (_plotted_metric(cells[0]),):
-            y = [r.metrics[key] for r in cells]
-            lo = [max(0.0, r.metrics[key] - r.intervals.get(key, [r.metrics[key]] * 2)[0]) for r in cells]
-            hi = [max(0.0, r.intervals.get(key, [r.metrics[key]] * 2)[1] - r.metrics[key]) for r in cells]
-            ax.errorbar(ks, y, yerr=[lo, hi], marker="o", capsize=3, label=f"{model} ({key})")
-        ax.set_title(f"{task} (n={cells[0].n} of {cells[0].n_total})", fontsize=10)
-        ax.set_xlabel("demonstrations in the prompt (k)")
+    n_rows = 2 if likelihood else 1
+    fig, axes = plt.subplots(n_rows, len(tasks), figsize=(5 * len(tasks), 3.4 * n_rows), squeeze=False)
+
+    def draw(ax, ks, y, ci, label) -> None:
+        err = [[max(0.0, v - c[0]) for v, c in zip(y, ci)], [max(0.0, c[1] - v) for v, c in zip(y, ci)]]
+        ax.errorbar(ks, y, yerr=err, marker="o", capsize=3, label=label)
         ax.set_xticks(ks)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+
+    for (model, task), cells in lines.items():
+        col, key = tasks.index(task), _plotted_metric(cells[0])
+        ks = [int(r.setting.split("-")[0]) for r in cells]
+        draw(axes[0][col], ks, [r.metrics[key] for r in cells],
+             [r.intervals.get(key, [r.metrics[key]] * 2) for r in cells], f"{model} ({key}, greedy answers)")
+        axes[0][col].set_title(f"{task} (n={cells[0].n} of {cells[0].n_total})", fontsize=10)
+        nll = [t for t in likelihood or [] if (t["model"], t["task"]) == (model, task)]
+        if nll:
+            draw(axes[1][col], [int(t["setting"].split("-")[0]) for t in nll], [t["nll"] for t in nll],
+                 [t["ci95"] for t in nll], f"{model} (n={nll[0]['n']} that fit every k)")
+            axes[1][col].set_ylabel("reference NLL, nats/token")
+    for ax in axes[-1]:
+        ax.set_xlabel("demonstrations in the prompt (k)")
     axes[0][0].set_ylabel("score, 95% interval")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -294,7 +304,7 @@ def render(cfg: StudyConfig, rows: list[Row], comparisons: list[dict[str, Any]],
     for c in comparisons:
         lines += _compare_section(c, out)
     lines += ["## 3. A peer beside ours: JoeyNMT", "",
-              ("See [`benchmarks/results/joeynmt_peer.md`](../../benchmarks/results/joeynmt_peer.md) "
+              ("See `benchmarks/results/joeynmt_peer.md` in the repository "
                "(`benchmarks/joeynmt_peer.py`: JoeyNMT on the same splits, BPE size, budget and sacreBLEU settings)."
                if peer.is_file() else "Not run here: `benchmarks/joeynmt_peer.py` (its own venv)."), "",
               "## 4. Pretraining helps? Fine-tuned from pretrained vs random weights", "",
@@ -338,7 +348,7 @@ def study(cfg: StudyConfig, command: str) -> dict[str, Any]:
     report = {"command": command, "date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine_line(),
               "wall_s": time.time() - started, "suite_s": suite_s, "compare_s": time.time() - started - suite_s,
               "likelihood": likelihood}
-    plot_shots(rows, out / "shots.png")
+    plot_shots(rows, out / "shots.png", likelihood)
     plot_pretraining(rows, out / "pretraining.png")
     (out / "study.md").write_text(render(cfg, rows, comparisons, report, out), encoding="utf-8")
     summary = {**report, "report": str(out / "study.md"), "rows": rows_as_dicts(rows),
