@@ -119,19 +119,45 @@ class ResumableShuffleSampler(ResumableSampler):
         return order[self.rank :: self.num_replicas][: self.batches_per_epoch * self.batch_size].tolist()
 
 
-class ResumableTokenBatchSampler(ResumableSampler):
+class ResumableBatchListSampler(ResumableSampler):
+    """A sampler whose every item is one whole batch (a list), recomputed per epoch by
+    :meth:`_batches` (a pure function of the settings and the epoch); use it as the ``sampler`` of a
+    DataLoader with ``batch_size=None`` over a dataset that takes such lists (:class:`BatchView`).
+
+    How many batches an epoch makes depends on the draw, so every epoch has the same number per
+    rank, fixed from epoch 0 with a 2% margin (extra batches are left out, like drop_last; a short
+    epoch, which the margin makes unlikely, repeats its first batches): Lightning's epoch length and
+    mid-epoch resume (inherited: skip the batches done) stay exact. Batches are dealt round-robin
+    to the ranks.
+    """
+
+    too_few = "fewer than one batch on every rank"  # how a subclass names its too-small data
+
+    def __init__(self, n_items: int, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
+        self.seed, self.num_replicas = seed, num_replicas
+        per_rank = int(0.98 * len(self._batches(0))) // num_replicas
+        if per_rank < 1:
+            raise ValueError(f"{n_items} training examples make {self.too_few}")
+        super().__init__(list(range(n_items)), 1, per_rank, num_replicas, rank, seed, shuffle=True)
+
+    def _batches(self, epoch: int) -> list[list[Any]]:
+        raise NotImplementedError
+
+    def epoch_indices(self) -> list[list[Any]]:  # type: ignore[override]  # batches, not indices
+        mine = self._batches(self.epoch)[self.rank::self.num_replicas]
+        while len(mine) < self.batches_per_epoch:
+            mine += mine[: self.batches_per_epoch - len(mine)]
+        return mine[: self.batches_per_epoch]
+
+
+class ResumableTokenBatchSampler(ResumableBatchListSampler):
     """Token-based batches (fairseq/JoeyNMT ``batch_type: token``): similar-length examples grouped
     so that each batch holds at most ``max_tokens`` tokens, padding included (its size times its
     longest example). Short sentences make big batches, long ones small, and padding is small.
 
-    Each item it yields is one whole batch (a list of dataset indices): use it as the ``sampler`` of
-    a DataLoader with ``batch_size=None`` over a dataset that takes such lists (:class:`BatchView`).
-    Epoch ``e``: a seeded permutation (seed + e), cut into pools of ``pool`` examples, each sorted
-    by length and cut greedily into batches; the batches are shuffled (same generator) and dealt
-    round-robin to the ranks. Every epoch has the same number of batches per rank, fixed from
-    epoch 0 with a 2% margin (extra batches are left out, like drop_last; a short epoch, which the
-    margin makes unlikely, repeats its first batches), so Lightning's epoch length and mid-epoch
-    resume (inherited: skip the batches done) stay exact.
+    Each item is a list of dataset indices. Epoch ``e``: a seeded permutation (seed + e), cut into
+    pools of ``pool`` examples, each sorted by length and cut greedily into batches; the batches
+    are shuffled (same generator).
     """
 
     def __init__(self, lengths: list[int], max_tokens: int, num_replicas: int = 1, rank: int = 0, seed: int = 0,
@@ -139,12 +165,8 @@ class ResumableTokenBatchSampler(ResumableSampler):
         if max_tokens < 1:
             raise ValueError(f"data.batch_tokens must be >= 1, got {max_tokens}")
         self.lengths, self.max_tokens, self.pool = list(lengths), max_tokens, pool
-        self.seed, self.num_replicas = seed, num_replicas
-        per_rank = int(0.98 * len(self._batches(0))) // num_replicas
-        if per_rank < 1:
-            raise ValueError(f"{len(self.lengths)} training examples make fewer than one token batch of "
-                             f"{max_tokens} tokens on every rank; lower data.batch_tokens or use more data")
-        super().__init__(self.lengths, 1, per_rank, num_replicas, rank, seed, shuffle=True)
+        self.too_few = f"fewer than one token batch of {max_tokens} tokens on every rank; lower data.batch_tokens or use more data"
+        super().__init__(len(self.lengths), num_replicas, rank, seed)
 
     def _batches(self, epoch: int) -> list[list[int]]:
         g = torch.Generator().manual_seed(self.seed + epoch)
@@ -160,15 +182,44 @@ class ResumableTokenBatchSampler(ResumableSampler):
             batches.append(batch)
         return [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
 
-    def epoch_indices(self) -> list[list[int]]:  # type: ignore[override]  # batches, not indices
-        mine = self._batches(self.epoch)[self.rank::self.num_replicas]
-        while len(mine) < self.batches_per_epoch:
-            mine += mine[: self.batches_per_epoch - len(mine)]
-        return mine[: self.batches_per_epoch]
+
+class ResumablePackedSampler(ResumableBatchListSampler):
+    """Packed batches (``--data.packing``): each item is a batch of ``rows_per_batch`` rows, each row
+    a list of dataset indices whose lengths sum to at most ``row_tokens`` (the context).
+
+    Epoch ``e``: a seeded permutation (seed + e) filled in order into rows, a row closed when the
+    next example does not fit (next-fit: the rows mix lengths at random, as the unpacked order
+    does; with examples much shorter than the context little room is lost); consecutive rows make
+    the batches, an incomplete last batch is left out.
+    """
+
+    def __init__(self, lengths: list[int], row_tokens: int, rows_per_batch: int, num_replicas: int = 1,
+                 rank: int = 0, seed: int = 0) -> None:
+        self.lengths, self.row_tokens, self.rows_per_batch = list(lengths), row_tokens, rows_per_batch
+        longest = max(self.lengths, default=0)
+        if longest > row_tokens:
+            raise ValueError(f"data.packing: an example of {longest} tokens does not fit a row of {row_tokens}")
+        self.too_few = (f"fewer than one batch of {rows_per_batch} packed rows of {row_tokens} tokens on every rank; "
+                        "lower data.batch_size (rows per batch) or use more data")
+        super().__init__(len(self.lengths), num_replicas, rank, seed)
+
+    def _batches(self, epoch: int) -> list[list[list[int]]]:
+        order = torch.randperm(len(self.lengths), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        rows: list[list[int]] = [[]]
+        used = 0
+        for i in order:
+            if rows[-1] and used + self.lengths[i] > self.row_tokens:
+                rows.append([])
+                used = 0
+            rows[-1].append(i)
+            used += self.lengths[i]
+        n = self.rows_per_batch
+        return [rows[j:j + n] for j in range(0, len(rows) - n + 1, n)]
 
 
 class BatchView(torch.utils.data.Dataset):
-    """``dataset[[i, j, ...]] -> [dataset[i], dataset[j], ...]``: the rows of one sampled batch."""
+    """``dataset[[i, j, ...]] -> [dataset[i], dataset[j], ...]``: the rows of one sampled batch
+    (``dataset[[[i, j], [k]]] -> [[dataset[i], dataset[j]], [dataset[k]]]`` for packed rows)."""
 
     def __init__(self, dataset: Any) -> None:
         self.dataset = dataset
@@ -176,8 +227,9 @@ class BatchView(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, batch: list[int]) -> list[Any]:
-        return [self.dataset[i] for i in batch]
+    def __getitem__(self, batch: list[Any]) -> list[Any]:
+        # Nested lists (packed batches: rows of indices) keep their shape.
+        return [self[i] if isinstance(i, list) else self.dataset[i] for i in batch]
 
 
 def batches_done_on_resume(trainer: Any) -> tuple[int, int]:

@@ -19,6 +19,7 @@ from common.trainer import LMTrainer
 from common.run_dir import SaveRunConfig
 from finetune.attention_plots import AttentionPlots
 from finetune.data import FinetuneDataModule
+from finetune.packing import check_packing
 from finetune.results import log_wandb_table, write_results
 from finetune.system import FinetuneSystem
 
@@ -53,6 +54,8 @@ class FinetuneCLI(RunCLI):
         if model.model is None:  # model.scratch: a trained tokenizer needs the task's data first
             model.build_from_scratch(data.task, data.splits["train"], self.trainer.default_root_dir)
         data.connect(model.tokenizer, model.kind, model.model.config)
+        if data.packing and self.subcommand == "fit":  # only training batches are packed
+            check_packing(model.model, model.kind)
 
     def before_fit(self) -> None:
         super().before_fit()

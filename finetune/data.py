@@ -35,8 +35,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from common.model_context import position_limit, usable_context
-from common.resumable_loader import BatchView, ResumableDataLoader, ResumableShuffleSampler, ResumableTokenBatchSampler
+from common.resumable_loader import (BatchView, ResumableDataLoader, ResumablePackedSampler, ResumableShuffleSampler,
+                                     ResumableTokenBatchSampler)
 from finetune.eval_items import EvalItemBuilder, describe_shots
+from finetune.packing import collate_packed
 from finetune.tasks import TaskConfig, load_split, load_task
 from finetune.train_examples import TrainExamples, TrainStats
 
@@ -66,6 +68,9 @@ class FinetuneDataModule(LightningDataModule):
         batch_tokens: Instead of ``batch_size``: token-based batches of similar-length examples
             holding at most this many tokens per device, padding included (fairseq/JoeyNMT
             ``batch_type: token``; the transformer NMT recipes' batching). None: ``batch_size``.
+        packing: Decoder-only models: concatenate whole training examples into rows of up to
+            ``max_length`` tokens, kept apart by per-example position ids (``finetune.packing``;
+            no padding between examples). ``batch_size`` then counts rows, not examples.
         eval_batch_size: Prompts per device per generate call.
         max_length: Prompt + completion token budget. None: the model's usable context (the length
             it was trained on; see common/model_context.py). Larger values are warned about.
@@ -89,6 +94,7 @@ class FinetuneDataModule(LightningDataModule):
         test_split: str = "test",
         batch_size: int = 16,
         batch_tokens: int | None = None,
+        packing: bool = False,
         eval_batch_size: int = 16,
         max_length: int | None = None,
         max_target_length: int = 128,
@@ -108,11 +114,14 @@ class FinetuneDataModule(LightningDataModule):
                            ("batch_tokens", batch_tokens or 1)):
             if value < 1:
                 raise ValueError(f"data.{key} must be >= 1, got {value}")
+        if packing and batch_tokens is not None:
+            raise ValueError("data.packing and data.batch_tokens are two ways to cut padding; give one of them")
         self.task_name = task
         self.task: TaskConfig = load_task(task)  # fails fast: unknown keys, columns, template fields
         self.shots, self.seed, self.num_workers = shots, seed, num_workers
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
         self.batch_size, self.eval_batch_size, self.batch_tokens = batch_size, eval_batch_size, batch_tokens
+        self.packing = packing
         self.requested_max_length = max_length
         self.max_length: int = 0  # resolved in setup, from the model
         self.max_target_length, self.max_new_tokens = max_target_length, max_new_tokens
@@ -234,19 +243,23 @@ class FinetuneDataModule(LightningDataModule):
         rows = self.train_examples()
         trainer = self.trainer
         state = {"task": self.task.name, "seed": self.seed, "batch_size": self.batch_size,
-                 "world_size": trainer.world_size, "n_train": len(rows), "batch_tokens": self.batch_tokens}
-        if self.batch_tokens is not None:  # each sampled item is a whole batch of similar lengths
-            sampler = ResumableTokenBatchSampler([rows.length(i) for i in range(len(rows))], self.batch_tokens,
-                                                 trainer.world_size, trainer.global_rank, self.seed)
+                 "world_size": trainer.world_size, "n_train": len(rows), "batch_tokens": self.batch_tokens,
+                 "packing": self.packing}
+        lengths = [rows.length(i) for i in range(len(rows))] if self.batch_tokens or self.packing else []
+        if self.batch_tokens is not None or self.packing:  # each sampled item is a whole batch
+            sampler = (ResumablePackedSampler(lengths, self.max_length, self.batch_size, trainer.world_size,
+                                              trainer.global_rank, self.seed) if self.packing else
+                       ResumableTokenBatchSampler(lengths, self.batch_tokens, trainer.world_size,
+                                                  trainer.global_rank, self.seed))
             sampler.resume_from(trainer)
             return ResumableDataLoader(BatchView(rows), batch_size=None, sampler=sampler, collate_fn=self.collate_train,
                                        num_workers=self.num_workers, loader_state=state,
-                                       state_defaults={"batch_tokens": None})
+                                       state_defaults={"batch_tokens": None, "packing": False})
         sampler = ResumableShuffleSampler(rows, self.batch_size, trainer.world_size, trainer.global_rank, self.seed)
         sampler.resume_from(trainer)  # exact mid-epoch position after a restart
         return ResumableDataLoader(rows, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate_train,
                                    num_workers=self.num_workers, drop_last=True, loader_state=state,
-                                   state_defaults={"batch_tokens": None})
+                                   state_defaults={"batch_tokens": None, "packing": False})
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")
@@ -259,9 +272,11 @@ class FinetuneDataModule(LightningDataModule):
                           collate_fn=functools.partial(self.collate_eval, stage=stage), num_workers=self.num_workers)
 
     # ---- batching -----------------------------------------------------------------------------
-    def collate_train(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        """Right-padded batches of ``train_examples`` rows."""
+    def collate_train(self, rows: list[Any]) -> dict[str, torch.Tensor]:
+        """Right-padded batches of ``train_examples`` rows (packed: of rows of them, `collate_packed`)."""
         pad = self.tokenizer.pad_token_id
+        if self.packing:
+            return collate_packed(rows, pad)
         if self.kind == "encoder_decoder":
             return {"input_ids": _pad([r["input_ids"] for r in rows], pad),  # (B, T_in)
                     "attention_mask": _pad([[1] * len(r["input_ids"]) for r in rows], 0),

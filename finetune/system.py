@@ -114,7 +114,8 @@ class FinetuneSystem(LMSystem):
                                    "length_penalty": length_penalty, "max_new_tokens": max_new_tokens,
                                    "label_smoothing": label_smoothing, "peft": asdict(peft) if peft else None})
         if init is not None:
-            loaded = load_pretrained(init, random_init=random_init)
+            loaded = load_pretrained(init, random_init=random_init,
+                                     quantize_4bit=peft is not None and peft.method == "qlora")
             self.model, self.tokenizer = loaded.model, loaded.tokenizer
             self.kind = loaded.kind
             if peft is not None:
@@ -195,7 +196,9 @@ class FinetuneSystem(LMSystem):
         record_trained_context(self.model.config, length)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        out = self.model(**batch)
+        # A decoder would fill a KV cache it never reads (config.use_cache), and a cache turns off
+        # transformers' packed-sequence masks (finetune.packing).
+        out = self.model(**batch, **({"use_cache": False} if self.kind == "decoder" else {}))
         loss = out.loss  # mean over completion/label tokens (-100 elsewhere)
         smoothing = self.hparams.get("label_smoothing", 0.0)  # absent from older checkpoints
         if smoothing:

@@ -222,13 +222,14 @@ def test_more_shots_than_fit_are_reported_with_the_reason(tiny: dict[str, Path],
     assert results["shots_limited_by"] == {"pool": 0, "context": 3} and 0 < results["shots_used_max"] < 3
 
 
-@pytest.mark.parametrize("batching", [("--data.batch_size", "1"), ("--data.batch_tokens", "24")],
-                         ids=["sentences", "tokens"])
+@pytest.mark.parametrize("batching", [("--data.batch_size", "1"), ("--data.batch_tokens", "24"),
+                                      ("--data.packing", "true", "--data.batch_size", "1", "--data.max_length", "40")],
+                         ids=["sentences", "tokens", "packed"])
 def test_interrupted_fine_tuning_resumes_exactly(tiny: dict[str, Path], tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch, batching: tuple[str, str]) -> None:
     """Interrupted after step 2 and resumed with --ckpt_path last, a run ends with the weights of an
     uninterrupted one (same data order mid-epoch, same dropout RNG) and continues its W&B run; with
-    batches of sentences and with token-based batches."""
+    batches of sentences, with token-based batches and with packed rows."""
     monkeypatch.setenv("LMTRAIN_DATA_ROOT", str(Path(__file__).parent / "fixtures" / "tasks"))
     task = str(Path(__file__).parent / "fixtures" / "tasks" / "capitals.yaml")
 
