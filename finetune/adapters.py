@@ -20,6 +20,7 @@ into a tied matrix would change the embeddings too.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import warnings
 from dataclasses import asdict, dataclass
@@ -79,7 +80,8 @@ class PeftOptions:
             if not torch.cuda.is_available():
                 raise ValueError(f"{key}.method=qlora: QLoRA needs CUDA + bitsandbytes (4-bit base weights); "
                                  "this machine has no CUDA GPU: use method: lora")
-            raise ValueError(f"{key}.method=qlora is not implemented yet; use method: lora")
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise ValueError(f"{key}.method=qlora needs bitsandbytes: pip install bitsandbytes")
         if self.r < 1:
             raise ValueError(f"{key}.r must be >= 1, got {self.r}")
         if self.alpha <= 0:
@@ -143,8 +145,13 @@ def add_adapter(model: nn.Module, options: PeftOptions, base: str) -> nn.Module:
     ``base`` names where the base weights come from (an HF directory, a hub name, an lmtrain
     checkpoint): it is recorded in checkpoints and exported adapters (``base_model_name_or_path``).
     """
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 
+    if options.method == "qlora":  # the base came 4-bit from load_pretrained(quantize_4bit=True)
+        if not getattr(model, "is_loaded_in_4bit", False):
+            raise ValueError("model.peft.method=qlora: the base model was not loaded in 4 bits")
+        # Norms and the head in fp32 for stable training; no gradient checkpointing unless asked for.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     targets = resolve_targets(model, options)
     is_conv1d = any(isinstance(m, Conv1D) for name, m in model.named_modules()
                     if any(_matches(name, t) for t in targets))
@@ -172,7 +179,8 @@ def is_adapted(model: nn.Module) -> bool:
 def adapter_options(model: nn.Module) -> PeftOptions:
     """The options that rebuild ``model``'s adapter (its resolved targets, not ``auto``)."""
     config = model.peft_config["default"]
-    return PeftOptions(method="lora", r=config.r, alpha=float(config.lora_alpha), dropout=config.lora_dropout,
+    method = "qlora" if getattr(model.get_base_model(), "is_loaded_in_4bit", False) else "lora"
+    return PeftOptions(method=method, r=config.r, alpha=float(config.lora_alpha), dropout=config.lora_dropout,
                        target_modules=sorted(config.target_modules))
 
 

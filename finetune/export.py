@@ -25,6 +25,7 @@ from jsonargparse import CLI
 
 from common.checkpoints import ADAPTER_KEY, check_lmtrain_checkpoint, load_checkpoint_file, resolve_checkpoint
 from common.export import check_out_dir, export_checkpoint, probe_logits, write_model_dir, write_staged
+from finetune.adapters import adapter_options
 from finetune.pretrained import Pretrained, load_pretrained
 
 # Merging adds B @ A into each weight once instead of per input: the logits move by float rounding
@@ -50,6 +51,9 @@ def export(checkpoint: str, out_dir: str, merge: bool = False, overwrite: bool =
             raise ValueError(f"--merge: {ckpt_path} holds no adapter (it is a full {meta.get('stage', 'pretrain')} "
                              "checkpoint, nothing to merge); export it without --merge")
         return export_checkpoint(str(ckpt_path), out_dir, overwrite, verify)
+    if merge and meta[ADAPTER_KEY]["method"] == "qlora":
+        raise ValueError(f"--merge: {ckpt_path} is a QLoRA run, whose base weights are 4-bit; export the adapter "
+                         "(without --merge) and load it on the full-precision base")
     check_out_dir(out_dir, overwrite)
     loaded = load_pretrained(str(ckpt_path))
     loaded.model.eval()
@@ -63,7 +67,9 @@ def _export_adapter(loaded: Pretrained, out_dir: str, verify: bool) -> Path:
         loaded.model.save_pretrained(directory)  # adapter_config.json + adapter_model.safetensors
         loaded.tokenizer.save_pretrained(directory)
         if verify:  # reloaded the way --model.init reads it: the named base, then the adapter
-            expected, actual = probe_logits(loaded.model), probe_logits(load_pretrained(str(directory)).model.eval())
+            four_bit = adapter_options(loaded.model).method == "qlora"  # reload the base as the run had it
+            reloaded = load_pretrained(str(directory), quantize_4bit=four_bit).model.eval()
+            expected, actual = probe_logits(loaded.model), probe_logits(reloaded)
             if not torch.equal(expected, actual):
                 raise RuntimeError(f"the adapter written to {directory} does not reproduce the checkpoint's logits "
                                    f"(max diff {(expected - actual).abs().max().item()})")

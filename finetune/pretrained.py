@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
+import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
 
 from common.archs import GPT2Arch, MarianArch, T5Arch, build_gpt2, build_marian, build_t5
@@ -52,15 +53,19 @@ class Pretrained:
     reference: str = ""
 
 
-def load_pretrained(init: str, random_init: bool = False) -> Pretrained:
+def load_pretrained(init: str, random_init: bool = False, quantize_4bit: bool = False) -> Pretrained:
     """Model + tokenizer from an lmtrain checkpoint, an HF or adapter directory or a hub name (see
-    module doc); ``random_init``: the same architecture and tokenizer with freshly drawn weights instead."""
+    module doc); ``random_init``: the same architecture and tokenizer with freshly drawn weights instead;
+    ``quantize_4bit`` (QLoRA, CUDA): an HF directory or hub name loaded with 4-bit NF4 weights."""
     path = Path(init).expanduser()
     reference = str(path.resolve()) if path.exists() else init
+    if quantize_4bit and (random_init or (path.exists() and is_lmtrain_checkpoint_path(path))):
+        raise ValueError(f"model.peft.method=qlora loads its base in 4 bits from a Hugging Face model directory or hub "
+                         f"name; model.init={init!r} is not one (export an lmtrain checkpoint first, or use method: lora)")
     if is_adapter_dir(path):
         if random_init:
             raise ValueError(f"model.random_init: model.init={init!r} is an adapter, whose point is its base's weights")
-        base = load_pretrained(adapter_dir_base(path, init))
+        base = load_pretrained(adapter_dir_base(path, init), quantize_4bit=quantize_4bit)
         model = load_adapter_dir(base.model, path, base.reference)
         return Pretrained(model=model, tokenizer=base.tokenizer, kind=base.kind, source=init, reference=base.reference)
     if path.exists() and is_lmtrain_checkpoint_path(path):
@@ -87,7 +92,7 @@ def load_pretrained(init: str, random_init: bool = False) -> Pretrained:
         if path.exists():
             check_safetensors(path, init, auto.__name__)
         try:
-            model = auto.from_pretrained(init, trust_remote_code=False, use_safetensors=True)
+            model = auto.from_pretrained(init, trust_remote_code=False, use_safetensors=True, **_four_bit(quantize_4bit))
         except OSError as e:  # a hub model without safetensors (a local folder was checked above)
             if "safetensors" not in str(e):
                 raise FileNotFoundError(f"model.init={init!r}: {str(e).splitlines()[0]}") from None
@@ -100,6 +105,19 @@ def load_pretrained(init: str, random_init: bool = False) -> Pretrained:
     return Pretrained(model=model, tokenizer=tokenizer, kind=model_kind(model.config), source=init, reference=reference)
 
 
+def _four_bit(quantize: bool) -> dict[str, Any]:
+    """QLoRA's base (Dettmers et al. 2023): NF4 weights with double quantization, bf16 compute, on this
+    process's GPU (the 4-bit weights are made when they are placed there)."""
+    if not quantize:
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                      bnb_4bit_use_double_quant=True,
+                                                      bnb_4bit_compute_dtype=torch.bfloat16),
+            "device_map": {"": torch.cuda.current_device()}}
+
+
 def _adapted_from_checkpoint(checkpoint: dict, source: str, init: str, random_init: bool) -> Pretrained:
     """The base a LoRA run's checkpoint names, checked to be the same weights, with its adapter loaded."""
     from common.tokenizer import tokenizer_from_files
@@ -108,7 +126,7 @@ def _adapted_from_checkpoint(checkpoint: dict, source: str, init: str, random_in
         raise ValueError(f"model.random_init: model.init={init!r} holds an adapter, whose point is its base's weights")
     meta = check_lmtrain_checkpoint(checkpoint, source)
     adapter = meta[ADAPTER_KEY]
-    base = load_pretrained(adapter["base"])
+    base = load_pretrained(adapter["base"], quantize_4bit=adapter["method"] == "qlora")
     check_base(base.model, adapter, source)
     options = peft_options({k: adapter[k] for k in ("method", "r", "alpha", "dropout", "target_modules")})
     model = add_adapter(base.model, options, base.reference)
