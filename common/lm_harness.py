@@ -188,12 +188,17 @@ def _check_builtin(name: str, manager: TaskManager, ours: dict[str, Path]) -> No
 
 def _leaf_configs(name: str, manager: TaskManager, depth: int = 0) -> Iterator[dict[str, Any]]:
     """The index's configs of the tasks behind ``name`` (a task, or a group's/tag's members)."""
+    from lm_eval.tasks._index import Kind
+
     entry = manager.task_index.get(name)
     if entry is None or depth > 8:
         return
-    if entry.cfg is not None and "dataset_path" in entry.cfg:
-        yield entry.cfg
-    members = entry.cfg.get("task") if entry.cfg and "group" in entry.cfg else sorted(entry.tags)
+    if entry.kind in (Kind.TASK, Kind.PY_TASK):
+        if entry.cfg is not None:
+            yield entry.cfg
+        return
+    # A tag's entry lists its member tasks in ``tags``; a group's YAML lists them under ``task``.
+    members = sorted(entry.tags) if entry.kind == Kind.TAG else (entry.cfg or {}).get("task")
     for member in members if isinstance(members, list) else []:
         member_name = member.get("task") if isinstance(member, dict) else member
         if isinstance(member_name, str) and member_name != name:
@@ -295,13 +300,16 @@ def preserved_rng() -> Iterator[None]:
 
 
 def run_harness(lm: Any, loaded: dict[str, Any], num_fewshot: int | None = None, limit: int | float | None = None,
-                bootstrap_iters: int = 0, log_samples: bool = False) -> dict[str, Any]:
+                bootstrap_iters: int = 0, log_samples: bool = False, quiet: bool = False) -> dict[str, Any]:
     """lm-eval's ``evaluate`` on tasks loaded once (:meth:`TaskSelection.load`), set up as its
     ``simple_evaluate`` sets them up: ``num_fewshot`` overrides a task's default unless its YAML
     pins 0, few-shot draws seeded with lm-eval's default seed, and Python/numpy/torch seeded with its
     defaults (0, 1234, 1234) -- inside :func:`preserved_rng`, so the caller's RNG streams are untouched.
     ``simple_evaluate`` itself is not used: it reloads the tasks and collects environment information
     (``pip list``, ``nvidia-smi``: seconds) at every call, which an in-loop evaluation pays each time.
+
+    ``quiet`` keeps lm-eval's warnings too (an in-loop evaluation would repeat the same ones, e.g.
+    left-truncation of prompts longer than the context, at every call).
 
     Returns lm-eval's results dict (``results``, ``versions``, ``n-shot``, ``n-samples``, ``configs``,
     ``higher_is_better``, and ``samples`` when ``log_samples``).
@@ -321,7 +329,7 @@ def run_harness(lm: Any, loaded: dict[str, Any], num_fewshot: int | None = None,
         elif task.get_config("num_fewshot") is None:
             task.set_config(key="num_fewshot", value=0)
         task.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)
-    with preserved_rng(), quiet_harness(logging.WARNING):
+    with preserved_rng(), quiet_harness(logging.ERROR if quiet else logging.WARNING):
         random.seed(DEFAULT_RANDOM_SEED)
         np.random.seed(DEFAULT_OTHER_SEED)
         torch.manual_seed(DEFAULT_OTHER_SEED)
