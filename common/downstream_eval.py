@@ -95,7 +95,11 @@ class DownstreamEval(pl.Callback):
         # Names and files are checked on every rank before training (the same answer everywhere, so
         # a bad name stops all ranks); the datasets are read by rank 0 at the first evaluation.
         if self.enabled and stage == "fit" and self._selection is None:
-            self._selection = resolve_tasks(self.tasks, self.include_path)
+            try:
+                self._selection = resolve_tasks(self.tasks, self.include_path)
+            except FileNotFoundError as e:  # e.g. a preset's tasks on a machine without the shipped data
+                raise FileNotFoundError(f"downstream.tasks: {e}; or train without the in-loop evaluation: "
+                                        "--downstream.tasks null") from None
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:

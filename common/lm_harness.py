@@ -136,7 +136,7 @@ def _is_network_error(e: BaseException) -> bool:
 def resolve_tasks(tasks: Sequence[str], include_paths: Sequence[str | Path] = ()) -> TaskSelection:
     """Resolve ``--tasks`` entries (see the module doc) without loading any dataset.
 
-    Our YAMLs need no index of lm-eval's ~10k built-in task files (building it takes seconds), so
+    Our YAMLs need no index of lm-eval's built-in task files (13,986 YAMLs in 0.4.13: seconds to index), so
     that index is read only when an entry is neither a file nor one of ours.
     """
     from lm_eval.tasks import TaskManager

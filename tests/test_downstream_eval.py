@@ -98,6 +98,17 @@ def test_unknown_downstream_task_stops_before_training(tmp_path: Path, capsys: p
     assert not (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_missing_task_data_stops_before_training_and_says_how_to_go_on(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    config = write_run_config(tmp_path, max_steps=2, val_every=2)
+    monkeypatch.setenv("LMTRAIN_DATA_ROOT", str(tmp_path / "empty"))  # a machine without the shipped data
+    with pytest.raises(SystemExit):
+        report_user_errors(lambda: pretrain_cli(["fit", "--config", str(config), *_downstream(every=2)]))
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert "translation/tatoeba_en_fr" in line and "--downstream.tasks null" in line
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
 @pytest.mark.parametrize("bad", [{"every_n_steps": 0}, {"limit": 0}, {"num_fewshot": -1}, {"batch_size": 0}])
 def test_bad_settings_are_refused(bad: dict) -> None:
     with pytest.raises(ValueError, match=f"downstream.{next(iter(bad))}"):
@@ -161,3 +172,19 @@ def test_scored_bytes_decodes_each_batch_once() -> None:
     assert bits_per_byte(8 * math.log(2), 4) == pytest.approx(2.0)
     with pytest.raises(ValueError):
         bits_per_byte(1.0, 0)
+
+
+@pytest.mark.integration  # a 2-process launch (~20 s)
+def test_ddp_rank_zero_evaluates_and_no_rank_hangs(tmp_path: Path, data_root: Path) -> None:
+    """Under 2-process DDP rank 0 evaluates while rank 1 waits for its scores; both go on training
+    (a rank running ahead into the next step's all-reduce, or one left waiting, would hang: timeout)."""
+    from tests.test_distributed import PRESETS, _fit, _why
+
+    config = write_run_config(tmp_path, max_steps=8, val_every=4)
+    result = _fit("--config", str(config), "--config", str(PRESETS / "ddp-cpu.yaml"), *_downstream(every=4),
+                  timeout=240)
+    assert result.returncode == 0, _why(result)
+    output = result.stdout + result.stderr
+    assert output.count("[downstream step 4]") == output.count("[downstream step 8]") == 1  # one rank evaluated
+    rows = _metrics_by_step(tmp_path / "run")
+    assert sorted(s for s, r in rows.items() if "downstream/multi30k_en_bpb/bits_per_byte" in r) == [3, 7]
