@@ -43,8 +43,9 @@ def _metrics_by_step(run_dir: Path) -> dict[int, dict[str, float]]:
     return rows
 
 
-def test_downstream_scores_are_logged_beside_val_loss(tmp_path: Path, data_root: Path) -> None:
-    config = write_run_config(tmp_path, max_steps=8, val_every=4)
+@pytest.mark.parametrize("family", ["gpt2", "t5"])
+def test_downstream_scores_are_logged_beside_val_loss(family: str, tmp_path: Path, data_root: Path) -> None:
+    config = write_run_config(tmp_path, max_steps=8, val_every=4, family=family)
     cli = pretrain_cli(["fit", "--config", str(config), *_downstream(every=4)])
     rows = _metrics_by_step(tmp_path / "run")
     val_steps = sorted(s for s, r in rows.items() if "val/loss" in r)
