@@ -31,7 +31,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 
 from common.lm_harness import TaskSelection, resolve_tasks, run_harness, task_scores, wrap_model
 
@@ -143,8 +143,9 @@ class DownstreamEval(pl.Callback):
                   for task, metrics in task_scores(results).items() for metric, value in metrics.items()
                   if not metric.endswith("_stderr")}
         scores[f"{PREFIX}/eval_time_s"] = time.perf_counter() - start
-        rank_zero_info(f"[downstream step {trainer.global_step}] "
-                       + ", ".join(f"{k[len(PREFIX) + 1:]}={v:.4g}" for k, v in scores.items()))
+        # A plain print, naming the rank: which process evaluated is visible (and tested under DDP).
+        print(f"[downstream step {trainer.global_step}, rank {trainer.global_rank}] "
+              + ", ".join(f"{k[len(PREFIX) + 1:]}={v:.4g}" for k, v in scores.items()), flush=True)
         return scores
 
 

@@ -186,6 +186,8 @@ def test_ddp_rank_zero_evaluates_and_no_rank_hangs(tmp_path: Path, data_root: Pa
                   timeout=240)
     assert result.returncode == 0, _why(result)
     output = result.stdout + result.stderr
-    assert output.count("[downstream step 4]") == output.count("[downstream step 8]") == 1  # one rank evaluated
+    # Each evaluating process prints its rank: rank 0 evaluated at both steps, rank 1 never.
+    assert output.count("[downstream step 4, rank 0]") == output.count("[downstream step 8, rank 0]") == 1, output[-3000:]
+    assert "rank 1]" not in output
     rows = _metrics_by_step(tmp_path / "run")
     assert sorted(s for s, r in rows.items() if "downstream/multi30k_en_bpb/bits_per_byte" in r) == [3, 7]
