@@ -68,6 +68,9 @@ def markdown(report: dict) -> str:
              f"- Python {m['python']}, torch {m['torch']}, lightning {m['lightning']}, transformers {m['transformers']}; "
              f"code at {m['git']}",
              f"- Other jobs at start: {report['busy_start'] or 'none'}; wall time {report['wall_s'] / 60:.1f} min",
+             "- Load average (1, 5, 15 min) at start " + ", ".join(f"{x:.2f}" for x in report.get("load_start", ()))
+             + ", at the end " + ", ".join(f"{x:.2f}" for x in report.get("load_end", ()))
+             + " (2 CPUs: above 2, other processes shared the cores)",
              "- on: the preset as shipped (downstream tasks every `downstream.every_n_steps`); off: "
              "`--downstream.tasks null`. Each fit a fresh process, the whole command timed.", "",
              "| preset | precision | steps | evaluations | wall s on / off (median) | overhead on/off - 1 (per round) "
@@ -103,7 +106,8 @@ def main() -> None:
     args = ap.parse_args()
     t0, report = time.perf_counter(), {"date": dt.datetime.now().isoformat(timespec="seconds"),
                                        "command": " ".join(["python", *sys.argv]), "busy_start": busy_processes(),
-                                       "machine": machine(("OMP_WAIT_POLICY",)), "presets": []}
+                                       "machine": machine(("OMP_WAIT_POLICY",)), "presets": [],
+                                       "load_start": os.getloadavg()}
     variants = list(VARIANTS)
     for preset in args.presets:
         runs = []
@@ -124,6 +128,7 @@ def main() -> None:
             "overhead": [by[r, "on"]["wall_s"] / by[r, "off"]["wall_s"] - 1 for r in range(args.rounds)],
             "eval_share": [by[r, "on"]["eval_s"] / by[r, "off"]["wall_s"] for r in range(args.rounds)]})
     report["wall_s"] = time.perf_counter() - t0
+    report["load_end"] = os.getloadavg()
     args.out.write_text(markdown(report))
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")
