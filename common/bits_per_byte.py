@@ -7,8 +7,8 @@ size in bytes it does:
 
     bpb = (sum of the NLL of every scored token, in nats) / ln 2 / (UTF-8 bytes of the scored text)
 
-which is lm-evaluation-harness's ``bits_per_byte`` (``-sum(loglikelihood) / sum(bytes) / ln 2``)
-and nanochat's ``bpb``. The scored text is what the scored target tokens decode to, special tokens
+which is lm-evaluation-harness's ``bits_per_byte`` (``-sum(loglikelihood) / sum(bytes) / ln 2``).
+The scored text is what the scored target tokens decode to, special tokens
 (EOS, T5's sentinels) skipped: their NLL is in the numerator, as in ``val/loss``, but they hold no
 text. A character whose bytes a sequence boundary splits decodes to U+FFFD (3 bytes) on each side,
 the one approximation, at most once per sequence end.

@@ -131,8 +131,8 @@ def results_markdown(summary: dict[str, Any]) -> str:
     row = [summary["model"], summary["task"], str(summary["num_fewshot"]),
            *(f"{v:.4f}" + (f" ± {stderr[k]:.4f}" if k in stderr else "") for k, v in metrics.items()),
            f"{summary['n_items']} of {summary['n_total']}"]
-    notes = [f"harness: {summary['harness']} (in process, {summary['kind']} model, batch {summary['batch_size']}, "
-             f"{summary['seconds']} s)",
+    notes = [f"harness: {summary['harness']} (in process, {summary['kind']} model, batch {summary['batch_size']}; "
+             f"the command's tasks took {summary['seconds']} s together)",
              f"context: {summary['max_length']} tokens ({summary['context_source']})",
              "± is lm-eval's standard error"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), "| " + " | ".join(row) + " |", ""]
