@@ -191,3 +191,21 @@ def test_ddp_rank_zero_evaluates_and_no_rank_hangs(tmp_path: Path, data_root: Pa
     assert "rank 1]" not in output
     rows = _metrics_by_step(tmp_path / "run")
     assert sorted(s for s, r in rows.items() if "downstream/multi30k_en_bpb/bits_per_byte" in r) == [3, 7]
+
+
+def test_sharded_weights_skip_the_evaluation_with_one_warning() -> None:
+    """ZeRO-3 / FSDP: no rank holds the whole model, so rank 0 cannot evaluate alone; skipped, said once."""
+    from types import SimpleNamespace
+
+    callback = DownstreamEval(tasks=["multi30k_en_bpb"])
+    trainer = SimpleNamespace(global_step=250, strategy=SimpleNamespace(zero_stage_3=True), is_global_zero=True,
+                              world_size=2)
+    with pytest.warns(UserWarning, match="skipped under SimpleNamespace"):
+        assert callback.evaluate(trainer, pl_module=None) == {}
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert callback.evaluate(trainer, pl_module=None) == {}
+    assert not caught  # said once per run, not at every evaluation
+    assert callback.state_dict() == {"last_step": 250}  # a resumed run skips the same steps
