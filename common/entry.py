@@ -16,7 +16,7 @@ import importlib
 import sys
 
 STAGES = {"pretrain": "pretrain GPT-2 / T5 models; prepare, fit, validate, export, submit",
-          "finetune": "fine-tune and evaluate on tasks; fit, evaluate, validate, export, compare, study, attention, submit"}
+          "finetune": "fine-tune and evaluate on tasks; fit, evaluate, validate, harness, export, compare, study, attention, submit"}
 # name -> (module with a main() that reads sys.argv[1:], what it does)
 COMMANDS = {"sync": ("common.wandb_sync",
                      "merge a run's resumed segments into one W&B history (lmtrain sync <run dir>)")}

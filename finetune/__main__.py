@@ -1,9 +1,11 @@
-"""`python -m finetune {fit,evaluate,validate,export,compare,study,attention,submit} ...`
+"""`python -m finetune {fit,evaluate,validate,harness,export,compare,study,attention,submit} ...`
 
   evaluate  zero-/few-shot scores of a model on a task, no training  (python -m finetune evaluate --help)
             e.g. --model.init runs/gpt-tiny --data.task tatoeba_en_fr --data.shots 5
   fit       fine-tune --model.init on --data.task, best checkpoint by the task metric
   validate  score a model (or --ckpt_path) on the task's validation split
+  harness   lm-evaluation-harness tasks on the model, in process (python -m finetune harness --help)
+            e.g. --model.init runs/gpt-tiny --tasks tatoeba_en_fr_mc,multi30k_en_bpb --limit 200
   export    write a Hugging Face model directory from a fine-tuning checkpoint (LoRA runs: the adapter,
             or with --merge true the merged model)
   compare   RNN baselines vs a transformer from scratch on one task (python -m finetune compare --help)
@@ -30,6 +32,10 @@ def main() -> None:
         from finetune.export import main as export_main
 
         report_user_errors(lambda: export_main(sys.argv[2:]))
+    elif command == "harness":
+        from finetune.harness import main as harness_main
+
+        report_user_errors(lambda: harness_main(sys.argv[2:]))
     elif command == "compare":
         from finetune.compare import main as compare_main
 

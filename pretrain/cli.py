@@ -2,7 +2,8 @@
 
 Everything a run needs is in its YAML: `model` (`class_path: CausalLMSystem` for GPT-2,
 `SpanCorruptionSystem` for T5), `data` (PretrainDataModule),
-`trainer`, plus the callback groups `checkpoint`, `speed` and `samples`. A run lives in
+`trainer`, plus the callback groups `checkpoint`, `speed`, `samples` and `downstream` (lm-evaluation-harness
+tasks scored every N steps beside val/loss; off unless tasks are named, on in the tiny presets). A run lives in
 `trainer.default_root_dir`: its resolved `config.yaml`, `checkpoints/` (last + best-k by val loss)
 and `wandb/`. `fit --ckpt_path last` resumes it exactly and continues the same W&B run.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from lightning.pytorch.cli import LightningArgumentParser
 
+from common.downstream_eval import DownstreamEval
 from common.run_cli import RunCLI
 from common.trainer import LMTrainer
 from common.throughput import SpeedMonitor
@@ -20,12 +22,14 @@ from pretrain.system import PretrainSystem
 
 
 class PretrainCLI(RunCLI):
-    """The shared run conventions (common/run_cli.py) plus throughput and generation samples."""
+    """The shared run conventions (common/run_cli.py) plus throughput, generation samples and
+    downstream evaluation."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         super().add_arguments_to_parser(parser)
         parser.add_lightning_class_args(SpeedMonitor, "speed")
         parser.add_lightning_class_args(GenerationSamples, "samples")
+        parser.add_lightning_class_args(DownstreamEval, "downstream")
         # The model class decides what batches it trains on; the data module is told, never asked.
         parser.link_arguments("model", "data.objective",
                               compute_fn=_objective_of, apply_on="instantiate")

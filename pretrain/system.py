@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, SumMetric
 
 from common.archs import GPT2Arch, T5Arch, build_gpt2, build_t5
+from common.bits_per_byte import LN2, ScoredBytes
 from common.model_context import TRAINED_CONTEXT_KEY, record_trained_context
 from common.system import LMSystem
 from common.throughput import decoder_flops_per_token, decoder_n_params, seq2seq_flops_per_example, seq2seq_shape
@@ -73,6 +74,11 @@ class PretrainSystem(LMSystem):
                                    "betas": list(betas), "fused_adamw": fused_adamw, "compile": compile,
                                    "activation_checkpointing": activation_checkpointing})
         self.val_loss = MeanMetric()
+        # val/bpb: total NLL and bytes of the scored text, summed across batches and ranks (float64:
+        # ~1e5-1e8 nats per validation), the bytes of each batch decoded once (common/bits_per_byte.py).
+        self.val_nats = SumMetric().set_dtype(torch.float64)
+        self.val_bytes = SumMetric().set_dtype(torch.float64)
+        self._scored_bytes = ScoredBytes()
         self._n_params: Any = None  # parameter count(s) for the FLOPs formula, once the model exists
 
     # ---- model construction -------------------------------------------------------------
@@ -117,6 +123,10 @@ class PretrainSystem(LMSystem):
         """(mean loss over the batch's target tokens, number of target tokens)."""
         raise NotImplementedError
 
+    def scored_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The target ids whose loss ``compute_loss`` averages (their text is what val/bpb divides by)."""
+        raise NotImplementedError
+
     def model_family(self) -> str | None:
         return self.family
 
@@ -129,13 +139,19 @@ class PretrainSystem(LMSystem):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, n_tokens = self.compute_loss(batch)
         self.val_loss.update(loss, weight=n_tokens)  # token-weighted, synced across ranks
+        self.val_nats.update(loss.detach().double() * n_tokens)
+        self.val_bytes.update(float(self._scored_bytes(self.tokenizer, batch_idx, self.scored_tokens(batch))))
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
-        self.val_loss.reset()
+        nats, n_bytes = self.val_nats.compute(), self.val_bytes.compute()
+        for metric in (self.val_loss, self.val_nats, self.val_bytes):
+            metric.reset()
         # Already reduced across ranks by the metric; sync_dist only tells Lightning so (a no-op mean).
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         self.log("val/ppl", loss.exp(), sync_dist=True)  # exp of the mean loss, not the mean of exps
+        if n_bytes > 0:  # tokenizer-independent: compares runs whose tokenizers differ (common/bits_per_byte.py)
+            self.log("val/bpb", (nats / LN2 / n_bytes).float(), sync_dist=True)
 
     # ---- checkpoints ----------------------------------------------------------------------
     def checkpoint_loaded(self, meta: dict) -> None:
@@ -176,6 +192,9 @@ class CausalLMSystem(PretrainSystem):
         targets = batch["targets"]  # (B, T): input_ids shifted left by one
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten()), targets.numel()
 
+    def scored_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return batch["targets"]
+
 
 class SpanCorruptionSystem(PretrainSystem):
     """T5-style encoder-decoder pretraining with span corruption (``data.objective: span_corruption``).
@@ -212,3 +231,6 @@ class SpanCorruptionSystem(PretrainSystem):
         # is the mean over target tokens. decoder_input_ids = labels shifted right after pad.
         labels = batch["labels"]  # (B, T_out)
         return self.model(input_ids=batch["input_ids"], labels=labels).loss, labels.numel()
+
+    def scored_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return batch["labels"]  # sentinels + the dropped spans + EOS: the spans' text is the scored text

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates ./.venv with PyTorch and lmtrain (+ test tools). Idempotent.
+# Creates ./.venv with PyTorch and lmtrain (+ test tools and lm-evaluation-harness). Idempotent.
 #
 # torch is installed first and pinned to the CPU build on this project's machines (torch==2.13.0,
 # a local wheel): a bare `torch` requirement would pull a multi-GB CUDA build. On a GPU node,
@@ -15,5 +15,5 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   # shellcheck disable=SC2086  # TORCH_SPEC may carry pip options
   .venv/bin/python -m pip install -q ${TORCH_SPEC:-torch==2.13.0}
 fi
-.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q -e ".[test,harness]"
 .venv/bin/python -c "import torch, lightning, transformers; print(f'torch {torch.__version__}, lightning {lightning.__version__}, transformers {transformers.__version__}')"

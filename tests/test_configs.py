@@ -44,6 +44,17 @@ def test_config_parses(path: Path, capsys: pytest.CaptureFixture, monkeypatch: p
         return
     elif kind == "data":
         run = lambda: prepare_main(["--config", str(path), "--print_config"])  # noqa: E731
+    elif kind == "harness":  # lm-evaluation-harness task files: resolved and built as `finetune harness` does
+        from common.data_root import data_root
+        from common.lm_harness import resolve_tasks
+
+        if data_root() is None:
+            pytest.skip("data root not found (the harness tasks read the shipped data)")
+        selection = resolve_tasks([path.stem])  # by name, as the presets and --tasks name them
+        assert selection.names == [path.stem]
+        task = selection.load()["tasks"][path.stem]
+        assert len(task.eval_docs) > 0
+        return
     else:
         pytest.fail(f"no parser is registered for configs/{kind}/ — add one to this test")
     with pytest.raises(SystemExit) as exit_info:
