@@ -175,7 +175,8 @@ def test_scored_bytes_decodes_each_batch_once() -> None:
         bits_per_byte(1.0, 0)
 
 
-@pytest.mark.integration  # a 2-process launch (~20 s)
+@pytest.mark.slow  # a 2-process launch (~20 s): under -m slow to keep CI near 10 minutes
+@pytest.mark.integration
 def test_ddp_rank_zero_evaluates_and_no_rank_hangs(tmp_path: Path, data_root: Path) -> None:
     """Under 2-process DDP rank 0 evaluates while rank 1 waits for its scores; both go on training
     (a rank running ahead into the next step's all-reduce, or one left waiting, would hang: timeout)."""

@@ -353,9 +353,8 @@ def test_resuming_a_lora_checkpoint_as_a_full_run_is_refused(runs: Runs, tmp_pat
 
 # ---- two processes --------------------------------------------------------------------------------
 @pytest.mark.integration  # 3 launches of 2 processes each (~20 s a launch)
-# ZeRO-2 in the default suite (it covers the distributed path and DeepSpeed's own checkpoints); plain
-# DDP under -m slow, to keep CI near 10 minutes.
-@pytest.mark.parametrize("preset", [pytest.param("ddp-cpu", marks=pytest.mark.slow), "deepspeed-zero2-cpu"])
+@pytest.mark.slow  # ~60 s each: under -m slow to keep CI near 10 minutes (the default suite covers LoRA in one process)
+@pytest.mark.parametrize("preset", ["ddp-cpu", "deepspeed-zero2-cpu"])
 def test_lora_on_two_processes_checkpoints_the_adapter_and_resumes_exactly(runs: Runs, preset: str,
                                                                            tmp_path: Path) -> None:
     """Under DDP and DeepSpeed ZeRO-2 (2 CPU processes): the ranks' adapters stay equal, checkpoints
